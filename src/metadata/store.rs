@@ -1,0 +1,564 @@
+use std::path::{Path, PathBuf};
+
+use super::records::{
+    decode, decode_knowledge_record, encode, encode_knowledge_record, ClockRecord, ReplicaRecord,
+    KIND_CLOCK, KIND_REPLICA,
+};
+use super::{ItemMeta, MetadataError, SavedConflict};
+use crate::model::{Hlc, ItemId, Knowledge, ReplicaId, Version};
+
+/// The store layout version written in the replica record. Bump it when a key layout or
+/// a record changes meaning; `open` refuses any other value.
+pub const STORE_FORMAT: u32 = 1;
+
+// One-byte key prefixes. Fixed records sit below the per-item families.
+const KEY_REPLICA: &[u8] = &[0x01];
+const KEY_CLOCK: &[u8] = &[0x02];
+const KEY_KNOWLEDGE: &[u8] = &[0x03];
+const KEY_FORGOTTEN: &[u8] = &[0x04];
+const PREFIX_ITEM: u8 = 0x10;
+const PREFIX_INDEX: u8 = 0x11;
+const PREFIX_DATA: u8 = 0x12;
+const PREFIX_CONFLICT: u8 = 0x13;
+
+fn prefixed(prefix: u8, id: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(id.len() + 1);
+    key.push(prefix);
+    key.extend_from_slice(id);
+    key
+}
+
+fn index_key(v: Version) -> [u8; 25] {
+    let mut key = [0u8; 25];
+    key[0] = PREFIX_INDEX;
+    key[1..17].copy_from_slice(v.replica.as_bytes());
+    key[17..].copy_from_slice(&v.tick.to_be_bytes());
+    key
+}
+
+/// Counts for `knit status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreSummary {
+    pub live_items: u64,
+    pub tombstones: u64,
+    pub saved_conflicts: u64,
+    /// Bytes of keys and values that are metadata (item records and index entries).
+    pub metadata_bytes: u64,
+    pub data_bytes: u64,
+}
+
+/// A replica's metadata store. Holds the sled handle exclusively (sled locks the folder),
+/// so the cached counters and knowledge below are the truth.
+pub struct MetadataStore {
+    db: sled::Db,
+    path: PathBuf,
+    id: ReplicaId,
+    clock: ClockRecord,
+    /// Knowledge without this replica's own entry (see the module invariants).
+    stored_knowledge: Knowledge,
+    forgotten: Knowledge,
+    poisoned: bool,
+}
+
+impl MetadataStore {
+    /// Creates a new replica in `path` (the folder may exist but must not hold a replica).
+    pub fn create(path: &Path) -> Result<Self, MetadataError> {
+        if sled_files_present(path) {
+            return Err(MetadataError::AlreadyAReplica {
+                path: path.to_path_buf(),
+            });
+        }
+        let db = open_sled(path)?;
+        let id = ReplicaId::new_random();
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            KEY_REPLICA,
+            encode(
+                KIND_REPLICA,
+                &ReplicaRecord {
+                    store_format: STORE_FORMAT,
+                    id: *id.as_bytes(),
+                },
+            ),
+        );
+        batch.insert(KEY_CLOCK, encode(KIND_CLOCK, &ClockRecord::default()));
+        batch.insert(KEY_KNOWLEDGE, encode_knowledge_record(&Knowledge::new()));
+        batch.insert(KEY_FORGOTTEN, encode_knowledge_record(&Knowledge::new()));
+        let storage = |source| MetadataError::Storage {
+            path: path.to_path_buf(),
+            source,
+        };
+        db.apply_batch(batch).map_err(storage)?;
+        db.flush().map_err(storage)?;
+        Self::load(db, path)
+    }
+
+    /// Opens an existing replica. A folder that holds no replica is left untouched.
+    pub fn open(path: &Path) -> Result<Self, MetadataError> {
+        if !sled_files_present(path) {
+            return Err(MetadataError::NotAReplica {
+                path: path.to_path_buf(),
+            });
+        }
+        let db = open_sled(path)?;
+        Self::load(db, path)
+    }
+
+    fn load(db: sled::Db, path: &Path) -> Result<Self, MetadataError> {
+        let path = path.to_path_buf();
+        let get = |key: &[u8]| -> Result<Option<sled::IVec>, MetadataError> {
+            db.get(key).map_err(|source| MetadataError::Storage {
+                path: path.clone(),
+                source,
+            })
+        };
+        let damaged = |key: &str, reason: String| MetadataError::Damaged {
+            path: path.clone(),
+            key: key.to_string(),
+            reason,
+        };
+        let Some(replica) = get(KEY_REPLICA)? else {
+            return Err(MetadataError::NotAReplica { path });
+        };
+        let replica: ReplicaRecord =
+            decode(KIND_REPLICA, &replica).map_err(|r| damaged("replica", r))?;
+        if replica.store_format != STORE_FORMAT {
+            return Err(MetadataError::FormatVersion {
+                path,
+                found: replica.store_format,
+                expected: STORE_FORMAT,
+            });
+        }
+        let clock: ClockRecord = decode(
+            KIND_CLOCK,
+            &get(KEY_CLOCK)?.ok_or_else(|| damaged("clock", "missing".into()))?,
+        )
+        .map_err(|r| damaged("clock", r))?;
+        let stored_knowledge = decode_knowledge_record(
+            &get(KEY_KNOWLEDGE)?.ok_or_else(|| damaged("knowledge", "missing".into()))?,
+        )
+        .map_err(|r| damaged("knowledge", r))?;
+        let forgotten = decode_knowledge_record(
+            &get(KEY_FORGOTTEN)?.ok_or_else(|| damaged("forgotten knowledge", "missing".into()))?,
+        )
+        .map_err(|r| damaged("forgotten knowledge", r))?;
+        debug_assert!(stored_knowledge.is_well_formed() && forgotten.is_well_formed());
+        Ok(Self {
+            db,
+            path,
+            id: ReplicaId::from_bytes(replica.id),
+            clock,
+            stored_knowledge,
+            forgotten,
+            poisoned: false,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn id(&self) -> ReplicaId {
+        self.id
+    }
+
+    /// The last tick this replica issued.
+    pub fn tick(&self) -> u64 {
+        self.clock.tick
+    }
+
+    pub fn last_hlc(&self) -> Hlc {
+        Hlc(self.clock.hlc)
+    }
+
+    pub fn last_sync_tick(&self) -> u64 {
+        self.clock.last_sync_tick
+    }
+
+    /// Everything this replica knows, its own changes included.
+    pub fn knowledge(&self) -> Knowledge {
+        self.stored_knowledge.with_replica_tick(self.id, self.clock.tick)
+    }
+
+    pub fn forgotten(&self) -> &Knowledge {
+        &self.forgotten
+    }
+
+    fn storage(&self, source: sled::Error) -> MetadataError {
+        MetadataError::Storage {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn damaged(&self, key: &[u8], reason: String) -> MetadataError {
+        MetadataError::Damaged {
+            path: self.path.clone(),
+            key: describe_key(key),
+            reason,
+        }
+    }
+
+    fn check(&self) -> Result<(), MetadataError> {
+        if self.poisoned {
+            return Err(MetadataError::Poisoned { replica: self.id });
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, MetadataError> {
+        self.check()?;
+        self.db.get(key).map_err(|e| self.storage(e))
+    }
+
+    pub fn item(&self, id: &ItemId) -> Result<Option<ItemMeta>, MetadataError> {
+        let key = prefixed(PREFIX_ITEM, id.as_bytes());
+        match self.get(&key)? {
+            None => Ok(None),
+            Some(bytes) => ItemMeta::decode(&bytes)
+                .map(Some)
+                .map_err(|r| self.damaged(&key, r)),
+        }
+    }
+
+    /// The data of an item of the built-in store.
+    pub fn data(&self, id: &ItemId) -> Result<Option<Vec<u8>>, MetadataError> {
+        Ok(self
+            .get(&prefixed(PREFIX_DATA, id.as_bytes()))?
+            .map(|v| v.to_vec()))
+    }
+
+    pub fn saved_conflict(&self, id: &ItemId) -> Result<Option<SavedConflict>, MetadataError> {
+        let key = prefixed(PREFIX_CONFLICT, id.as_bytes());
+        match self.get(&key)? {
+            None => Ok(None),
+            Some(bytes) => SavedConflict::decode(&bytes)
+                .map(Some)
+                .map_err(|r| self.damaged(&key, r)),
+        }
+    }
+
+    pub fn has_saved_conflicts(&self) -> Result<bool, MetadataError> {
+        self.check()?;
+        match self.db.scan_prefix([PREFIX_CONFLICT]).next() {
+            None => Ok(false),
+            Some(entry) => entry.map(|_| true).map_err(|e| self.storage(e)),
+        }
+    }
+
+    pub fn saved_conflicts(&self) -> Result<Vec<SavedConflict>, MetadataError> {
+        self.check()?;
+        let mut out = Vec::new();
+        for entry in self.db.scan_prefix([PREFIX_CONFLICT]) {
+            let (key, value) = entry.map_err(|e| self.storage(e))?;
+            out.push(SavedConflict::decode(&value).map_err(|r| self.damaged(&key, r))?);
+        }
+        Ok(out)
+    }
+
+    /// Items (live and tombstones) in id order, starting at `start`.
+    pub fn items_from(
+        &self,
+        start: &[u8],
+    ) -> impl Iterator<Item = Result<(ItemId, ItemMeta), MetadataError>> + '_ {
+        let from = prefixed(PREFIX_ITEM, start);
+        let poisoned = self.check().err();
+        poisoned.into_iter().map(Err).chain(
+            self.db
+                .range(from..[PREFIX_ITEM + 1].to_vec())
+                .map(move |entry| {
+                    let (key, value) = entry.map_err(|e| self.storage(e))?;
+                    let id = ItemId::new(&key[1..]).map_err(|e| self.damaged(&key, e.to_string()))?;
+                    let meta = ItemMeta::decode(&value).map_err(|r| self.damaged(&key, r))?;
+                    Ok((id, meta))
+                }),
+        )
+    }
+
+    /// The ids of items whose current version `known` does not contain, in id order.
+    ///
+    /// Reads the `(replica, tick)` index above `known`'s lowest tick of each replica,
+    /// never the item records, so the cost follows the number of changes found (plus
+    /// those hidden behind exception ranges), not the number of items stored.
+    pub fn changes_unknown_to(&self, known: &Knowledge) -> Result<Vec<ItemId>, MetadataError> {
+        self.check()?;
+        let mut out = Vec::new();
+        for replica in self.knowledge().replicas() {
+            let from = known.min_tick(replica).saturating_add(1);
+            let start = index_key(Version::new(replica, from));
+            let end = index_key(Version::new(replica, u64::MAX));
+            for entry in self.db.range(start..=end) {
+                let (key, value) = entry.map_err(|e| self.storage(e))?;
+                let tick = u64::from_be_bytes(
+                    key[17..25]
+                        .try_into()
+                        .map_err(|_| self.damaged(&key, "short index key".into()))?,
+                );
+                let id = ItemId::new(&value).map_err(|e| self.damaged(&key, e.to_string()))?;
+                if !known.contains(&id, Version::new(replica, tick)) {
+                    out.push(id);
+                }
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Items whose current version was made by `replica` after tick `after`.
+    pub fn items_changed_by(&self, replica: ReplicaId, after: u64) -> Result<Vec<ItemId>, MetadataError> {
+        self.check()?;
+        let start = index_key(Version::new(replica, after.saturating_add(1)));
+        let end = index_key(Version::new(replica, u64::MAX));
+        let mut out = Vec::new();
+        for entry in self.db.range(start..=end) {
+            let (key, value) = entry.map_err(|e| self.storage(e))?;
+            out.push(ItemId::new(&value).map_err(|e| self.damaged(&key, e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// Counts items, tombstones, conflicts and bytes with one pass over the store.
+    pub fn summary(&self) -> Result<StoreSummary, MetadataError> {
+        self.check()?;
+        let mut s = StoreSummary::default();
+        for entry in self.db.iter() {
+            let (key, value) = entry.map_err(|e| self.storage(e))?;
+            let bytes = (key.len() + value.len()) as u64;
+            match key.first() {
+                Some(&PREFIX_ITEM) => {
+                    let meta = ItemMeta::decode(&value).map_err(|r| self.damaged(&key, r))?;
+                    if meta.deleted {
+                        s.tombstones += 1;
+                    } else {
+                        s.live_items += 1;
+                    }
+                    s.metadata_bytes += bytes;
+                }
+                Some(&PREFIX_INDEX) => s.metadata_bytes += bytes,
+                Some(&PREFIX_DATA) => s.data_bytes += bytes,
+                Some(&PREFIX_CONFLICT) => s.saved_conflicts += 1,
+                _ => {}
+            }
+        }
+        Ok(s)
+    }
+
+    /// Starts a commit. Nothing is written until [`MetadataStore::commit`].
+    pub fn begin(&self) -> Commit {
+        Commit {
+            replica: self.id,
+            batch: sled::Batch::default(),
+            clock: self.clock,
+            knowledge: None,
+            forgotten: None,
+            new_id: None,
+        }
+    }
+
+    /// Writes a commit as one atomic sled batch. On failure the handle is poisoned.
+    pub fn commit(&mut self, commit: Commit) -> Result<(), MetadataError> {
+        self.check()?;
+        let Commit {
+            replica,
+            mut batch,
+            clock,
+            knowledge,
+            forgotten,
+            new_id,
+        } = commit;
+        if clock != self.clock {
+            batch.insert(KEY_CLOCK, encode(KIND_CLOCK, &clock));
+        }
+        if new_id.is_some() {
+            batch.insert(
+                KEY_REPLICA,
+                encode(
+                    KIND_REPLICA,
+                    &ReplicaRecord {
+                        store_format: STORE_FORMAT,
+                        id: *replica.as_bytes(),
+                    },
+                ),
+            );
+        }
+        // Stored knowledge omits our own entry: the clock record carries it.
+        let knowledge = knowledge.map(|k| k.with_replica_tick(replica, 0));
+        if let Some(k) = &knowledge {
+            debug_assert!(k.is_well_formed());
+            batch.insert(KEY_KNOWLEDGE, encode_knowledge_record(k));
+        }
+        if let Some(f) = &forgotten {
+            batch.insert(KEY_FORGOTTEN, encode_knowledge_record(f));
+        }
+        if let Err(e) = self.db.apply_batch(batch) {
+            self.poisoned = true;
+            return Err(self.storage(e));
+        }
+        self.clock = clock;
+        self.id = replica;
+        if let Some(k) = knowledge {
+            self.stored_knowledge = k;
+        }
+        if let Some(f) = forgotten {
+            self.forgotten = f;
+        }
+        Ok(())
+    }
+
+    /// Blocks until every committed batch is on disk.
+    pub fn flush(&mut self) -> Result<(), MetadataError> {
+        self.check()?;
+        if let Err(e) = self.db.flush() {
+            self.poisoned = true;
+            return Err(self.storage(e));
+        }
+        Ok(())
+    }
+
+    /// Raw access to the sled tree, for the crash and damage tests only.
+    #[doc(hidden)]
+    pub fn raw_tree(&self) -> &sled::Tree {
+        &self.db
+    }
+}
+
+/// The writes of one atomic commit.
+pub struct Commit {
+    replica: ReplicaId,
+    batch: sled::Batch,
+    clock: ClockRecord,
+    knowledge: Option<Knowledge>,
+    forgotten: Option<Knowledge>,
+    /// Set by [`Commit::rekey`]: the replica continues under this id.
+    new_id: Option<ReplicaId>,
+}
+
+impl Commit {
+    /// Takes the next tick and a hybrid clock time for a new local version.
+    pub fn next_version(&mut self, now_ms: u64) -> (Version, Hlc) {
+        self.clock.tick += 1;
+        let hlc = Hlc::next(Hlc(self.clock.hlc), now_ms);
+        self.clock.hlc = hlc.0;
+        (Version::new(self.replica, self.clock.tick), hlc)
+    }
+
+    /// Moves the hybrid clock past a timestamp seen from a peer.
+    pub fn observe(&mut self, seen: Hlc) {
+        self.clock.hlc = self.clock.hlc.max(seen.0);
+    }
+
+    /// Writes an item's metadata, moving its index entry from `old`'s version.
+    pub fn put_item(&mut self, id: &ItemId, meta: &ItemMeta, old: Option<&ItemMeta>) {
+        if let Some(old) = old {
+            if old.version != meta.version {
+                self.batch.remove(&index_key(old.version)[..]);
+            }
+        }
+        self.batch
+            .insert(&index_key(meta.version)[..], id.as_bytes());
+        self.batch
+            .insert(prefixed(PREFIX_ITEM, id.as_bytes()), meta.encode());
+    }
+
+    /// Removes every trace of an item: metadata, index entry, data, saved conflict.
+    pub fn forget_item(&mut self, id: &ItemId, old: &ItemMeta) {
+        self.batch.remove(&index_key(old.version)[..]);
+        self.batch.remove(prefixed(PREFIX_ITEM, id.as_bytes()));
+        self.batch.remove(prefixed(PREFIX_DATA, id.as_bytes()));
+        self.batch.remove(prefixed(PREFIX_CONFLICT, id.as_bytes()));
+    }
+
+    pub fn put_data(&mut self, id: &ItemId, data: &[u8]) {
+        self.batch.insert(prefixed(PREFIX_DATA, id.as_bytes()), data);
+    }
+
+    pub fn remove_data(&mut self, id: &ItemId) {
+        self.batch.remove(prefixed(PREFIX_DATA, id.as_bytes()));
+    }
+
+    pub fn save_conflict(&mut self, conflict: &SavedConflict) {
+        self.batch.insert(
+            prefixed(PREFIX_CONFLICT, conflict.remote.item.as_bytes()),
+            conflict.encode(),
+        );
+    }
+
+    pub fn remove_conflict(&mut self, id: &ItemId) {
+        self.batch.remove(prefixed(PREFIX_CONFLICT, id.as_bytes()));
+    }
+
+    /// Replaces the knowledge (own entries are dropped on write, see the invariants).
+    pub fn set_knowledge(&mut self, knowledge: Knowledge) {
+        self.knowledge = Some(knowledge);
+    }
+
+    pub fn set_forgotten(&mut self, forgotten: Knowledge) {
+        self.forgotten = Some(forgotten);
+    }
+
+    pub fn set_last_sync_tick(&mut self, tick: u64) {
+        self.clock.last_sync_tick = tick;
+    }
+
+    /// The tick this commit will leave the replica at.
+    pub fn tick(&self) -> u64 {
+        self.clock.tick
+    }
+
+    /// Continues the replica under `id` from this commit on: versions taken after this
+    /// call carry the new id, and the replica record changes with the commit. The
+    /// caller must also set the knowledge (it decides what is known of the old id).
+    pub fn rekey(&mut self, id: ReplicaId) {
+        self.replica = id;
+        self.new_id = Some(id);
+    }
+}
+
+/// sled writes `conf` and `db` into every folder it opens; without both there is no
+/// store to open, and we must not let sled create one as a side effect.
+fn sled_files_present(path: &Path) -> bool {
+    path.join("conf").is_file() && path.join("db").is_file()
+}
+
+fn open_sled(path: &Path) -> Result<sled::Db, MetadataError> {
+    let config = sled::Config::new().path(path);
+    // sled 0.34 may panic while recovering a damaged log instead of returning an error;
+    // turn that into an error that names the folder.
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(sled::Error::Io(e)))
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.to_string().contains("could not acquire lock") =>
+        {
+            Err(MetadataError::InUse {
+                path: path.to_path_buf(),
+            })
+        }
+        Ok(Err(sled::Error::Corruption { .. })) => Err(MetadataError::Damaged {
+            path: path.to_path_buf(),
+            key: "sled log".into(),
+            reason: "sled reports corruption".into(),
+        }),
+        Ok(Err(source)) => Err(MetadataError::Storage {
+            path: path.to_path_buf(),
+            source,
+        }),
+        Err(_) => Err(MetadataError::Damaged {
+            path: path.to_path_buf(),
+            key: "sled log".into(),
+            reason: "sled could not recover the store".into(),
+        }),
+    }
+}
+
+fn describe_key(key: &[u8]) -> String {
+    let show = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    match key.first() {
+        Some(&PREFIX_ITEM) => format!("item {:?}", show(&key[1..])),
+        Some(&PREFIX_INDEX) => "change index entry".into(),
+        Some(&PREFIX_DATA) => format!("data of {:?}", show(&key[1..])),
+        Some(&PREFIX_CONFLICT) => format!("saved conflict of {:?}", show(&key[1..])),
+        _ => format!("{key:?}"),
+    }
+}

@@ -1,0 +1,390 @@
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{SledItems, StoreError};
+use crate::metadata::{ItemMeta, MetadataStore, SavedConflict, StoreSummary};
+use crate::model::{ClockVector, ItemId, Knowledge, ReplicaId, Version, MAX_ITEM_DATA_LEN};
+use crate::sync::{
+    self, BatchOutcome, BatchRequest, ChangeDestination, ChangeSource, Clock, ConflictPolicy,
+    Enumeration, ItemStore, SessionOptions, SyncError, SyncObserver, SyncProvider, SyncReport,
+    SystemClock,
+};
+
+/// Which side a saved conflict is settled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Take {
+    Local,
+    Remote,
+}
+
+/// What tombstone cleanup removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub tombstones_removed: u64,
+}
+
+/// What `knit status` shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub id: ReplicaId,
+    pub tick: u64,
+    pub summary: StoreSummary,
+    pub knowledge: Knowledge,
+    pub forgotten: Knowledge,
+}
+
+/// A replica: metadata store + item store + the clock that stamps its changes.
+pub struct Replica {
+    metadata: MetadataStore,
+    items: Box<dyn ItemStore>,
+    clock: Arc<dyn Clock>,
+    /// The source-side enumeration of the current session.
+    enumeration: Option<Enumeration>,
+    /// The peer of the session this replica is in, if any.
+    session_peer: Option<ReplicaId>,
+}
+
+impl Replica {
+    /// Creates a replica with the built-in store in `path`.
+    pub fn create(path: &Path) -> Result<Self, StoreError> {
+        Ok(Self::with_parts(
+            MetadataStore::create(path)?,
+            Box::new(SledItems),
+            Arc::new(SystemClock),
+        ))
+    }
+
+    /// Opens the replica in `path` with the built-in store.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Ok(Self::with_parts(
+            MetadataStore::open(path)?,
+            Box::new(SledItems),
+            Arc::new(SystemClock),
+        ))
+    }
+
+    /// Assembles a replica from its parts (another item store, a test clock).
+    pub fn with_parts(
+        metadata: MetadataStore,
+        items: Box<dyn ItemStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            metadata,
+            items,
+            clock,
+            enumeration: None,
+            session_peer: None,
+        }
+    }
+
+    pub fn id(&self) -> ReplicaId {
+        self.metadata.id()
+    }
+
+    pub fn tick(&self) -> u64 {
+        self.metadata.tick()
+    }
+
+    pub fn knowledge(&self) -> Knowledge {
+        self.metadata.knowledge()
+    }
+
+    pub fn forgotten(&self) -> &Knowledge {
+        self.metadata.forgotten()
+    }
+
+    pub fn metadata(&self) -> &MetadataStore {
+        &self.metadata
+    }
+
+    pub fn clock(&self) -> &dyn Clock {
+        &*self.clock
+    }
+
+    pub fn set_clock(&mut self, clock: Arc<dyn Clock>) {
+        self.clock = clock;
+    }
+
+    fn store_error(&self, item: &ItemId, reason: String) -> StoreError {
+        StoreError::ItemStore {
+            replica: self.id(),
+            item: item.clone(),
+            reason,
+        }
+    }
+
+    /// Sets `item` to `value` as a new local version.
+    pub fn put(&mut self, item: &ItemId, value: &[u8]) -> Result<Version, StoreError> {
+        if value.len() > MAX_ITEM_DATA_LEN {
+            return Err(StoreError::ValueTooLarge {
+                item: item.clone(),
+                len: value.len(),
+                max: MAX_ITEM_DATA_LEN,
+            });
+        }
+        let old = self.metadata.item(item)?;
+        let mut commit = self.metadata.begin();
+        let (version, timestamp) = commit.next_version(self.clock.now_ms());
+        let meta = ItemMeta {
+            // A put after a delete starts a new life of the item.
+            creation: old.filter(|m| !m.deleted).map_or(version, |m| m.creation),
+            version,
+            timestamp,
+            deleted: false,
+        };
+        self.items
+            .stage(&mut commit, item, Some(value))
+            .map_err(|r| self.store_error(item, r))?;
+        commit.put_item(item, &meta, old.as_ref());
+        self.metadata.commit(commit)?;
+        Ok(version)
+    }
+
+    /// Deletes `item`, leaving a tombstone. Returns `None` if it was not live.
+    pub fn delete(&mut self, item: &ItemId) -> Result<Option<Version>, StoreError> {
+        let Some(old) = self.metadata.item(item)?.filter(|m| !m.deleted) else {
+            return Ok(None);
+        };
+        let mut commit = self.metadata.begin();
+        let (version, timestamp) = commit.next_version(self.clock.now_ms());
+        let meta = ItemMeta {
+            creation: old.creation,
+            version,
+            timestamp,
+            deleted: true,
+        };
+        self.items
+            .stage(&mut commit, item, None)
+            .map_err(|r| self.store_error(item, r))?;
+        commit.put_item(item, &meta, Some(&old));
+        self.metadata.commit(commit)?;
+        Ok(Some(version))
+    }
+
+    /// The value of a live item.
+    pub fn get(&self, item: &ItemId) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.metadata.item(item)? {
+            Some(meta) if !meta.deleted => self
+                .items
+                .read(&self.metadata, item)
+                .map_err(|r| self.store_error(item, r)),
+            _ => Ok(None),
+        }
+    }
+
+    pub fn item_meta(&self, item: &ItemId) -> Result<Option<ItemMeta>, StoreError> {
+        Ok(self.metadata.item(item)?)
+    }
+
+    /// Every live item with its value, in id order.
+    pub fn items(&self) -> Result<Vec<(ItemId, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.metadata.items_from(b"") {
+            let (id, meta) = entry?;
+            if meta.deleted {
+                continue;
+            }
+            let value = self
+                .items
+                .read(&self.metadata, &id)
+                .map_err(|r| self.store_error(&id, r))?
+                .unwrap_or_default();
+            out.push((id, value));
+        }
+        Ok(out)
+    }
+
+    /// Every item's metadata (live and tombstones), in id order.
+    pub fn item_metas(&self) -> Result<Vec<(ItemId, ItemMeta)>, StoreError> {
+        Ok(self.metadata.items_from(b"").collect::<Result<_, _>>()?)
+    }
+
+    pub fn saved_conflicts(&self) -> Result<Vec<SavedConflict>, StoreError> {
+        Ok(self.metadata.saved_conflicts()?)
+    }
+
+    /// Settles the saved conflict of `item`.
+    pub fn resolve_conflict(&mut self, item: &ItemId, take: Take) -> Result<Version, StoreError> {
+        let now = self.clock.now_ms();
+        sync::resolve_saved_conflict(
+            &mut self.metadata,
+            &mut *self.items,
+            item,
+            take == Take::Remote,
+            now,
+        )?
+        .ok_or_else(|| StoreError::NoSuchConflict {
+            replica: self.metadata.id(),
+            item: item.clone(),
+        })
+    }
+
+    pub fn status(&self) -> Result<ReplicaStatus, StoreError> {
+        Ok(ReplicaStatus {
+            id: self.id(),
+            tick: self.tick(),
+            summary: self.metadata.summary()?,
+            knowledge: self.knowledge(),
+            forgotten: self.forgotten().clone(),
+        })
+    }
+
+    /// Removes tombstones older than `older_than_ms` and records their versions in
+    /// forgotten knowledge. A peer that has not seen those deletes will need a full
+    /// enumeration (or will refuse, by policy) at its next sync from this replica.
+    pub fn collect_garbage(&mut self, older_than_ms: u64) -> Result<GcReport, StoreError> {
+        let cutoff = self.clock.now_ms().saturating_sub(older_than_ms);
+        let mut commit = self.metadata.begin();
+        let mut forgotten_ticks = ClockVector::new();
+        let mut report = GcReport::default();
+        for entry in self.metadata.items_from(b"") {
+            let (id, meta) = entry?;
+            if meta.deleted && meta.timestamp.physical_ms() <= cutoff {
+                forgotten_ticks.raise(meta.version.replica, meta.version.tick);
+                commit.forget_item(&id, &meta);
+                report.tombstones_removed += 1;
+            }
+        }
+        if report.tombstones_removed == 0 {
+            return Ok(report);
+        }
+        // Only what this replica knows may be called forgotten (K ⊇ F): a coarse vector
+        // alone would claim versions an interrupted sync never delivered.
+        let known = self.metadata.knowledge();
+        let newly = known.intersect(&Knowledge::from_vector(forgotten_ticks));
+        commit.set_forgotten(self.metadata.forgotten().combine(&newly));
+        self.metadata.commit(commit)?;
+        self.metadata.flush()?;
+        Ok(report)
+    }
+
+    /// Continues this replica under a new id, after it was restored from an old copy
+    /// of its folder. Local changes made since the last completed sync are re-stamped
+    /// under the new id (they may reuse ticks the lost original already gave out), and
+    /// knowledge of the old id is cut back to that sync, so the original's later
+    /// changes, which peers hold, come back at the next sync.
+    pub fn rekey(&mut self) -> Result<ReplicaId, StoreError> {
+        let old = self.metadata.id();
+        let cut = self.metadata.last_sync_tick();
+        let new = ReplicaId::new_random();
+        let now = self.clock.now_ms();
+        let knowledge = self.metadata.knowledge().cut_replica(old, cut);
+        let forgotten = self.metadata.forgotten().cut_replica(old, cut);
+        let mut commit = self.metadata.begin();
+        commit.rekey(new);
+        for id in self.metadata.items_changed_by(old, cut)? {
+            let Some(meta) = self.metadata.item(&id)? else {
+                continue;
+            };
+            let (version, timestamp) = commit.next_version(now);
+            let creation = if meta.creation.replica == old && meta.creation.tick > cut {
+                version
+            } else {
+                meta.creation
+            };
+            let restamped = ItemMeta {
+                creation,
+                version,
+                timestamp,
+                deleted: meta.deleted,
+            };
+            commit.put_item(&id, &restamped, Some(&meta));
+        }
+        commit.set_knowledge(knowledge);
+        commit.set_forgotten(forgotten);
+        commit.set_last_sync_tick(0);
+        self.metadata.commit(commit)?;
+        self.metadata.flush()?;
+        Ok(new)
+    }
+
+    /// Syncs this replica (local) with `remote`.
+    pub fn sync_with(
+        &mut self,
+        remote: &mut dyn sync::Peer,
+        options: &SessionOptions,
+        observer: &mut dyn SyncObserver,
+    ) -> Result<SyncReport, SyncError> {
+        let clock = Arc::clone(&self.clock);
+        sync::synchronize(self, remote, options, observer, &*clock)
+    }
+
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        Ok(self.metadata.flush()?)
+    }
+}
+
+impl SyncProvider for Replica {
+    fn replica_id(&self) -> ReplicaId {
+        self.metadata.id()
+    }
+
+    fn knowledge(&mut self) -> Result<Knowledge, SyncError> {
+        Ok(self.metadata.knowledge())
+    }
+
+    fn begin_session(&mut self, peer: ReplicaId, peer_knowledge: &Knowledge) -> Result<(), SyncError> {
+        let replica = self.metadata.id();
+        if self.session_peer.is_some() {
+            return Err(SyncError::ReplicaBusy { replica });
+        }
+        let known_tick = peer_knowledge.max_tick(replica);
+        if known_tick > self.metadata.tick() {
+            return Err(SyncError::ReplicaRestored {
+                replica,
+                peer,
+                known_tick,
+                own_tick: self.metadata.tick(),
+            });
+        }
+        // Local changes are about to be sent: make them durable first, so a crash can
+        // never roll back a tick a peer already holds.
+        self.metadata.flush()?;
+        self.session_peer = Some(peer);
+        self.enumeration = None;
+        Ok(())
+    }
+
+    fn end_session(&mut self, completed: bool) -> Result<(), SyncError> {
+        self.session_peer = None;
+        self.enumeration = None;
+        if completed {
+            let mut commit = self.metadata.begin();
+            commit.set_last_sync_tick(self.metadata.tick());
+            self.metadata.commit(commit)?;
+        }
+        self.metadata.flush()?;
+        Ok(())
+    }
+}
+
+impl ChangeSource for Replica {
+    fn forgotten_knowledge(&mut self) -> Result<Knowledge, SyncError> {
+        Ok(self.metadata.forgotten().clone())
+    }
+
+    fn estimate_changes(&mut self, request: &BatchRequest<'_>) -> Result<Option<u64>, SyncError> {
+        if request.full_enumeration {
+            return Ok(None);
+        }
+        let e = sync::Enumeration::of(&self.metadata, &mut self.enumeration, request.destination_knowledge)?;
+        Ok(Some(e.len() as u64))
+    }
+
+    fn change_batch(&mut self, request: &BatchRequest<'_>) -> Result<crate::model::ChangeBatch, SyncError> {
+        sync::change_batch(&self.metadata, &*self.items, &mut self.enumeration, request)
+    }
+}
+
+impl ChangeDestination for Replica {
+    fn process_batch(
+        &mut self,
+        batch: crate::model::ChangeBatch,
+        policy: &ConflictPolicy,
+        observer: &mut dyn SyncObserver,
+    ) -> Result<BatchOutcome, SyncError> {
+        let now = self.clock.now_ms();
+        sync::apply_batch(&mut self.metadata, &mut *self.items, batch, policy, observer, now)
+    }
+}

@@ -1,0 +1,155 @@
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::metadata::{Commit, MetadataStore};
+use crate::model::{ChangeBatch, ItemId, Knowledge, ReplicaId};
+
+use super::{BatchOutcome, ConflictKind, ConflictOutcome, ConflictPolicy, Progress, SyncError};
+
+/// Wall-clock milliseconds, from outside: tests and the simulator pass their own.
+pub trait Clock: Send + Sync {
+    fn now_ms(&self) -> u64;
+}
+
+/// The system clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0)
+    }
+}
+
+/// A flag the caller raises to stop a sync between batches. Every batch committed
+/// before the flag is seen stays committed.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Directions of a sync between a local and a remote replica.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Direction {
+    /// Local → remote.
+    Upload,
+    /// Remote → local.
+    Download,
+    /// Local → remote, then remote → local.
+    #[default]
+    UploadAndDownload,
+    /// Remote → local, then local → remote.
+    DownloadAndUpload,
+}
+
+/// The knobs of a sync. Only the CLI and the hub pick defaults for people.
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    pub direction: Direction,
+    pub policy: ConflictPolicy,
+    /// Most changes per batch (1 ..= MAX_CHANGES_PER_BATCH).
+    pub batch_size: usize,
+    pub recovery: super::ForgottenRecovery,
+    pub cancel: CancelToken,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self {
+            direction: Direction::default(),
+            policy: ConflictPolicy::default(),
+            batch_size: 1000,
+            recovery: super::ForgottenRecovery::default(),
+            cancel: CancelToken::new(),
+        }
+    }
+}
+
+/// Notifications from a session. Every method has a default that ignores the event.
+pub trait SyncObserver {
+    /// A conflict was detected and settled with `outcome`.
+    fn conflict(&mut self, _item: &ItemId, _kind: ConflictKind, _outcome: ConflictOutcome) {}
+    /// A change could not be applied; it is not learned and comes back next session.
+    fn item_failed(&mut self, _item: &ItemId, _reason: &str) {}
+    /// A batch was committed at the destination.
+    fn progress(&mut self, _progress: &Progress) {}
+}
+
+/// An observer that ignores everything.
+pub struct NoObserver;
+impl SyncObserver for NoObserver {}
+
+/// A request for the next batch of a session.
+#[derive(Debug)]
+pub struct BatchRequest<'a> {
+    pub destination: ReplicaId,
+    /// The destination's knowledge at the start of the session.
+    pub destination_knowledge: &'a Knowledge,
+    /// Where this batch's group starts: the end of the previous batch's last group.
+    pub start: &'a [u8],
+    pub batch_size: usize,
+    pub full_enumeration: bool,
+}
+
+/// What every provider offers, in either role.
+pub trait SyncProvider {
+    fn replica_id(&self) -> ReplicaId;
+    fn knowledge(&mut self) -> Result<Knowledge, SyncError>;
+    /// Joins a session with `peer`. Fails if the replica is in another session, or if
+    /// `peer_knowledge` holds ticks of this replica above its counter (it was restored
+    /// from an old copy and would issue those ticks again).
+    fn begin_session(&mut self, peer: ReplicaId, peer_knowledge: &Knowledge) -> Result<(), SyncError>;
+    /// Leaves the session. When `completed`, everything committed is flushed to disk
+    /// before this returns, so a reported success is durable.
+    fn end_session(&mut self, completed: bool) -> Result<(), SyncError>;
+}
+
+/// The source side: knowledge, change batches with their data.
+pub trait ChangeSource: SyncProvider {
+    fn forgotten_knowledge(&mut self) -> Result<Knowledge, SyncError>;
+    /// How many changes the destination lacks, when the source can tell cheaply.
+    fn estimate_changes(&mut self, _request: &BatchRequest<'_>) -> Result<Option<u64>, SyncError> {
+        Ok(None)
+    }
+    fn change_batch(&mut self, request: &BatchRequest<'_>) -> Result<ChangeBatch, SyncError>;
+}
+
+/// The destination side: process a batch through the change applier.
+pub trait ChangeDestination: SyncProvider {
+    fn process_batch(
+        &mut self,
+        batch: ChangeBatch,
+        policy: &ConflictPolicy,
+        observer: &mut dyn SyncObserver,
+    ) -> Result<BatchOutcome, SyncError>;
+}
+
+/// A replica that can be either side.
+pub trait Peer: ChangeSource + ChangeDestination {}
+impl<T: ChangeSource + ChangeDestination> Peer for T {}
+
+/// Where a replica's item data lives. The applier stages writes through it, so data
+/// and metadata commit together for stores that live in the metadata store's sled tree.
+pub trait ItemStore: Send {
+    /// The current data of an item, `None` if the store holds none.
+    fn read(&self, metadata: &MetadataStore, item: &ItemId) -> Result<Option<Vec<u8>>, String>;
+    /// Writes an item's new data (`None`: delete it) as part of `commit`. An error fails
+    /// this item only: it is reported, not learned, and sent again next session.
+    fn stage(&mut self, commit: &mut Commit, item: &ItemId, data: Option<&[u8]>) -> Result<(), String>;
+}
