@@ -7,26 +7,29 @@
 
 #![deny(clippy::dbg_macro)]
 
+mod cli;
 mod metadata;
 mod model;
 mod stores;
 mod sync;
 
+pub use cli::run as run_cli;
+pub use metadata::{
+    check_record, Commit, ItemMeta, MetadataError, MetadataStore, SavedConflict, StoreSummary,
+    STORE_FORMAT,
+};
 pub use model::{
     decode_batch, decode_knowledge, encode_batch, encode_knowledge, BatchMode, ChangeBatch,
-    ChangeGroup, ChangeKind, ClockVector, Hlc, IdRange, ItemChange, ItemId, Knowledge,
-    ModelError, ReplicaId, Version, MAX_BATCH_BYTES, MAX_CHANGES_PER_BATCH, MAX_EXCEPTIONS,
-    MAX_ITEM_DATA_LEN, MAX_ITEM_ID_LEN, MAX_REPLICAS_PER_VECTOR,
+    ChangeGroup, ChangeKind, ClockVector, Hlc, IdRange, ItemChange, ItemId, Knowledge, ModelError,
+    ReplicaId, Version, MAX_BATCH_BYTES, MAX_CHANGES_PER_BATCH, MAX_EXCEPTIONS, MAX_ITEM_DATA_LEN,
+    MAX_ITEM_ID_LEN, MAX_REPLICAS_PER_VECTOR,
 };
-pub use metadata::{
-    Commit, ItemMeta, MetadataError, MetadataStore, SavedConflict, StoreSummary, STORE_FORMAT,
-};
+pub use stores::{GcReport, Replica, ReplicaStatus, SledItems, StoreError, Take};
 pub use sync::{
     apply_batch, change_batch, classify, last_writer_wins, resolve_saved_conflict, run_session,
     synchronize, BatchOutcome, BatchRequest, CancelToken, ChangeDestination, ChangeSource,
     Classification, Clock, Conflict, ConflictCounts, ConflictHandler, ConflictKind,
     ConflictOutcome, ConflictPolicy, Direction, Enumeration, ForgottenRecovery, ItemStore,
-    NoObserver, Peer, Progress, Resolution, SessionOptions, SessionStats, SyncError,
-    SyncObserver, SyncProvider, SyncReport, SystemClock,
+    NoObserver, Peer, Progress, Resolution, SessionOptions, SessionStats, SyncError, SyncObserver,
+    SyncProvider, SyncReport, SystemClock,
 };
-pub use stores::{GcReport, Replica, ReplicaStatus, SledItems, StoreError, Take};

@@ -22,5 +22,5 @@ mod records;
 mod store;
 
 pub use error::MetadataError;
-pub use records::{ItemMeta, SavedConflict};
+pub use records::{check_record, ItemMeta, SavedConflict};
 pub use store::{Commit, MetadataStore, StoreSummary, STORE_FORMAT};

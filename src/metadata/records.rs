@@ -4,8 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    ChangeKind, Hlc, ItemChange, ItemId, Knowledge, ModelError, RawKnowledge, ReplicaId,
-    Version,
+    ChangeKind, Hlc, ItemChange, ItemId, Knowledge, ModelError, RawKnowledge, ReplicaId, Version,
 };
 
 pub(crate) const RECORD_FORMAT: u8 = 1;
@@ -122,7 +121,7 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(kind: u8, bytes: &[u8]) -> 
 }
 
 impl ItemMeta {
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         encode(
             KIND_ITEM,
             &RawItemMeta {
@@ -134,7 +133,7 @@ impl ItemMeta {
         )
     }
 
-    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, String> {
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         let raw: RawItemMeta = decode(KIND_ITEM, bytes)?;
         Ok(Self {
             creation: raw.creation.get()?,
@@ -146,7 +145,7 @@ impl ItemMeta {
 }
 
 impl SavedConflict {
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         encode(
             KIND_CONFLICT,
             &RawConflict {
@@ -162,7 +161,7 @@ impl SavedConflict {
         )
     }
 
-    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, String> {
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         let raw: RawConflict = decode(KIND_CONFLICT, bytes)?;
         let item = ItemId::new(&raw.item).map_err(|e| e.to_string())?;
         if raw.deleted == raw.data.is_some() {
@@ -198,4 +197,19 @@ pub(crate) fn decode_knowledge_record(bytes: &[u8]) -> Result<Knowledge, String>
     let raw: RawKnowledge = decode(KIND_KNOWLEDGE, bytes)?;
     raw.into_knowledge("knowledge record")
         .map_err(|e| e.to_string())
+}
+
+/// Decodes `bytes` as whichever metadata record its kind byte names, and reports why it
+/// is not a valid record. The store's own reads go through the same decoders; the
+/// fuzzers and the hostile-bytes tests call this to reach all of them.
+pub fn check_record(bytes: &[u8]) -> Result<(), String> {
+    match bytes.first() {
+        Some(&KIND_REPLICA) => decode::<ReplicaRecord>(KIND_REPLICA, bytes).map(drop),
+        Some(&KIND_CLOCK) => decode::<ClockRecord>(KIND_CLOCK, bytes).map(drop),
+        Some(&KIND_KNOWLEDGE) => decode_knowledge_record(bytes).map(drop),
+        Some(&KIND_ITEM) => ItemMeta::decode(bytes).map(drop),
+        Some(&KIND_CONFLICT) => SavedConflict::decode(bytes).map(drop),
+        Some(k) => Err(format!("unknown record kind {k:#04x}")),
+        None => Err("empty record".into()),
+    }
 }

@@ -177,7 +177,8 @@ impl MetadataStore {
 
     /// Everything this replica knows, its own changes included.
     pub fn knowledge(&self) -> Knowledge {
-        self.stored_knowledge.with_replica_tick(self.id, self.clock.tick)
+        self.stored_knowledge
+            .with_replica_tick(self.id, self.clock.tick)
     }
 
     pub fn forgotten(&self) -> &Knowledge {
@@ -263,16 +264,20 @@ impl MetadataStore {
     ) -> impl Iterator<Item = Result<(ItemId, ItemMeta), MetadataError>> + '_ {
         let from = prefixed(PREFIX_ITEM, start);
         let poisoned = self.check().err();
-        poisoned.into_iter().map(Err).chain(
-            self.db
-                .range(from..[PREFIX_ITEM + 1].to_vec())
-                .map(move |entry| {
-                    let (key, value) = entry.map_err(|e| self.storage(e))?;
-                    let id = ItemId::new(&key[1..]).map_err(|e| self.damaged(&key, e.to_string()))?;
-                    let meta = ItemMeta::decode(&value).map_err(|r| self.damaged(&key, r))?;
-                    Ok((id, meta))
-                }),
-        )
+        poisoned
+            .into_iter()
+            .map(Err)
+            .chain(
+                self.db
+                    .range(from..[PREFIX_ITEM + 1].to_vec())
+                    .map(move |entry| {
+                        let (key, value) = entry.map_err(|e| self.storage(e))?;
+                        let id = ItemId::new(&key[1..])
+                            .map_err(|e| self.damaged(&key, e.to_string()))?;
+                        let meta = ItemMeta::decode(&value).map_err(|r| self.damaged(&key, r))?;
+                        Ok((id, meta))
+                    }),
+            )
     }
 
     /// The ids of items whose current version `known` does not contain, in id order.
@@ -305,7 +310,11 @@ impl MetadataStore {
     }
 
     /// Items whose current version was made by `replica` after tick `after`.
-    pub fn items_changed_by(&self, replica: ReplicaId, after: u64) -> Result<Vec<ItemId>, MetadataError> {
+    pub fn items_changed_by(
+        &self,
+        replica: ReplicaId,
+        after: u64,
+    ) -> Result<Vec<ItemId>, MetadataError> {
         self.check()?;
         let start = index_key(Version::new(replica, after.saturating_add(1)));
         let end = index_key(Version::new(replica, u64::MAX));
@@ -469,7 +478,8 @@ impl Commit {
     }
 
     pub fn put_data(&mut self, id: &ItemId, data: &[u8]) {
-        self.batch.insert(prefixed(PREFIX_DATA, id.as_bytes()), data);
+        self.batch
+            .insert(prefixed(PREFIX_DATA, id.as_bytes()), data);
     }
 
     pub fn remove_data(&mut self, id: &ItemId) {

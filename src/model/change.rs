@@ -108,9 +108,7 @@ impl ChangeGroup {
 
     /// Whether the source named `item` in this group (as a change or as present).
     pub fn names(&self, item: &ItemId) -> bool {
-        self.changes
-            .binary_search_by(|c| c.item.cmp(item))
-            .is_ok()
+        self.changes.binary_search_by(|c| c.item.cmp(item)).is_ok()
             || self.present.binary_search(item).is_ok()
     }
 }

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::change::{ChangeGroup, ChangeKind};
 use super::{
-    BatchMode, ChangeBatch, ClockVector, Hlc, IdRange, ItemChange, ItemId, Knowledge,
-    ModelError, ReplicaId, Version, MAX_ITEM_ID_LEN,
+    BatchMode, ChangeBatch, ClockVector, Hlc, IdRange, ItemChange, ItemId, Knowledge, ModelError,
+    ReplicaId, Version, MAX_ITEM_ID_LEN,
 };
 
 /// Largest encoded batch accepted (and produced: sources split batches below it).
@@ -103,7 +103,9 @@ impl RawKnowledge {
         let base = self.base.into_vector(what)?;
         let mut exceptions = Vec::with_capacity(self.exceptions.len());
         for (start, end, vector) in self.exceptions {
-            if start.len() > MAX_ITEM_ID_LEN + 1 || end.as_ref().is_some_and(|e| e.len() > MAX_ITEM_ID_LEN + 1) {
+            if start.len() > MAX_ITEM_ID_LEN + 1
+                || end.as_ref().is_some_and(|e| e.len() > MAX_ITEM_ID_LEN + 1)
+            {
                 return Err(decode_error(what, "range bound longer than an item id"));
             }
             let range = IdRange::new(start, end).map_err(|e| decode_error(what, e))?;
@@ -257,7 +259,9 @@ pub fn encode_batch(batch: &ChangeBatch) -> Vec<u8> {
             .collect(),
         forgotten: match batch.mode() {
             BatchMode::Normal => None,
-            BatchMode::FullEnumeration { forgotten } => Some(RawKnowledge::from_knowledge(forgotten)),
+            BatchMode::FullEnumeration { forgotten } => {
+                Some(RawKnowledge::from_knowledge(forgotten))
+            }
         },
         is_last: batch.is_last(),
     };
@@ -274,7 +278,10 @@ pub fn decode_batch(bytes: &[u8]) -> Result<ChangeBatch, ModelError> {
         .map(|g| g.changes.len() + g.present.len())
         .sum();
     if entries > MAX_CHANGES_PER_BATCH {
-        return Err(decode_error(WHAT, format!("{entries} entries; the limit is {MAX_CHANGES_PER_BATCH}")));
+        return Err(decode_error(
+            WHAT,
+            format!("{entries} entries; the limit is {MAX_CHANGES_PER_BATCH}"),
+        ));
     }
     let made_with = raw.made_with.into_knowledge(WHAT)?;
     let mut groups = Vec::with_capacity(raw.groups.len());

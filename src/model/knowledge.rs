@@ -99,6 +99,9 @@ pub struct Knowledge {
     exceptions: Vec<(IdRange, ClockVector)>,
 }
 
+/// `(start, end, vector)`: a piece of a segmentation under construction.
+type Piece<'a> = (&'a [u8], Option<&'a [u8]>, ClockVector);
+
 /// One piece of a knowledge's full segmentation of the id space.
 #[derive(Clone, Copy)]
 struct Segment<'a> {
@@ -152,9 +155,7 @@ impl Knowledge {
 
     /// The vector that applies to `item`.
     pub fn vector_for(&self, item: &[u8]) -> &ClockVector {
-        let after = self
-            .exceptions
-            .partition_point(|(r, _)| r.start() <= item);
+        let after = self.exceptions.partition_point(|(r, _)| r.start() <= item);
         if after > 0 {
             let (range, vector) = &self.exceptions[after - 1];
             if range.contains(item) {
@@ -289,7 +290,7 @@ impl Knowledge {
     /// `exclude`.
     fn indicator(range: &IdRange) -> Knowledge {
         let marker = ClockVector::from_pairs([(ReplicaId::from_u128(0), 1)]);
-        let mut pieces: Vec<(&[u8], Option<&[u8]>, ClockVector)> = Vec::with_capacity(3);
+        let mut pieces: Vec<Piece<'_>> = Vec::with_capacity(3);
         if !range.start().is_empty() {
             pieces.push((b"", Some(range.start()), ClockVector::new()));
         }
@@ -332,12 +333,10 @@ impl Knowledge {
 
     /// Builds canonical knowledge from a full, sorted segmentation of the id space
     /// (the first piece starts at the empty id, the last is unbounded).
-    fn from_segments<'a>(
-        pieces: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>, ClockVector)>,
-    ) -> Knowledge {
+    fn from_segments<'a>(pieces: impl IntoIterator<Item = Piece<'a>>) -> Knowledge {
         // Merge adjacent pieces with equal vectors first: the result is the unique
         // minimal segmentation, whose last piece gives the base.
-        let mut merged: Vec<(&'a [u8], Option<&'a [u8]>, ClockVector)> = Vec::new();
+        let mut merged: Vec<Piece<'a>> = Vec::new();
         for (start, end, vector) in pieces {
             match merged.last_mut() {
                 Some(last) if last.2 == vector => last.1 = end,
@@ -414,5 +413,399 @@ impl fmt::Debug for Knowledge {
             write!(f, " {range:?}={vector:?}")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The algebra laws of design.md, checked two ways: as `==` (semantic, because
+    //! knowledge is canonical) and by probing `contains` at every id where a generated
+    //! knowledge can change value. Range bounds come from a small pool (the empty id,
+    //! 1–2 byte ids over `a..=d`, and each of those followed by a zero byte), and every
+    //! pool member is a probe, so probing sees every segment: it is an exact check.
+
+    use std::sync::OnceLock;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::model::{decode_knowledge, encode_knowledge};
+
+    fn replica(n: u128) -> ReplicaId {
+        ReplicaId::from_u128(n)
+    }
+
+    /// 1–2 byte ids over `a..=d`, sorted.
+    fn alphabet_ids() -> &'static [Vec<u8>] {
+        static IDS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+        IDS.get_or_init(|| {
+            let letters = b"abcd";
+            let mut ids: Vec<Vec<u8>> = letters.iter().map(|&c| vec![c]).collect();
+            for &x in letters {
+                for &y in letters {
+                    ids.push(vec![x, y]);
+                }
+            }
+            ids.sort();
+            ids
+        })
+    }
+
+    /// Where generated ranges start and end: the empty id, the alphabet ids and their
+    /// successors (so `IdRange::single` ranges line up with the pool).
+    fn bound_pool() -> &'static [Vec<u8>] {
+        static POOL: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+        POOL.get_or_init(|| {
+            let mut pool = vec![Vec::new()];
+            for id in alphabet_ids() {
+                pool.push(id.clone());
+                let mut next = id.clone();
+                next.push(0);
+                pool.push(next);
+            }
+            pool.sort();
+            pool.dedup();
+            pool
+        })
+    }
+
+    /// Every bound (each starts a segment, so probing them all is exhaustive), the ids
+    /// just past each bound, and a few ids beyond every range.
+    fn probes() -> &'static [ItemId] {
+        static PROBES: OnceLock<Vec<ItemId>> = OnceLock::new();
+        PROBES.get_or_init(|| {
+            let mut out: Vec<Vec<u8>> = Vec::new();
+            for b in bound_pool() {
+                out.push(b.clone());
+                let mut past = b.clone();
+                past.push(0);
+                out.push(past);
+            }
+            out.extend([b"e".to_vec(), b"aaa".to_vec(), b"dd\xff".to_vec()]);
+            out.sort();
+            out.dedup();
+            out.iter()
+                .map(|b| ItemId::new(b).expect("short probe id"))
+                .collect()
+        })
+    }
+
+    /// Replicas 1–3 appear in generated vectors; 4 never does. Ticks go up to 5.
+    fn probe_versions() -> impl Iterator<Item = Version> {
+        (1..=4u128).flat_map(|r| (1..=6u64).map(move |t| Version::new(replica(r), t)))
+    }
+
+    /// `contains` at every probe id and version, in a fixed order.
+    fn probe(k: &Knowledge) -> Vec<bool> {
+        probes()
+            .iter()
+            .flat_map(|item| probe_versions().map(move |v| k.contains(item, v)))
+            .collect()
+    }
+
+    fn zip_bools(a: &[bool], b: &[bool], f: impl Fn(bool, bool) -> bool) -> Vec<bool> {
+        a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+    }
+
+    /// `a` contains at least what `b` contains, judged by probing alone.
+    fn probe_dominates(a: &Knowledge, b: &Knowledge) -> bool {
+        probe(a).iter().zip(probe(b)).all(|(&x, y)| x || !y)
+    }
+
+    fn tick() -> impl Strategy<Value = u64> {
+        // Zero half the time so vectors repeat and often name only 2 replicas.
+        prop_oneof![Just(0u64), 1u64..=5]
+    }
+
+    fn vector() -> impl Strategy<Value = ClockVector> {
+        (tick(), tick(), tick()).prop_map(|(a, b, c)| {
+            ClockVector::from_pairs([(replica(1), a), (replica(2), b), (replica(3), c)])
+        })
+    }
+
+    /// A range from the pool bounds; a range of exactly one item goes through
+    /// `IdRange::single`.
+    fn range_between(start: &[u8], end: Option<&[u8]>) -> IdRange {
+        match end {
+            Some(e)
+                if e.len() == start.len() + 1 && e.starts_with(start) && e.last() == Some(&0) =>
+            {
+                IdRange::single(&ItemId::new(start).expect("short id"))
+            }
+            _ => IdRange::new(start.to_vec(), end.map(<[u8]>::to_vec)).expect("non-empty range"),
+        }
+    }
+
+    /// Input for `from_parts`: sorted, disjoint exceptions, often adjacent, sometimes
+    /// carrying the base vector or equal vectors side by side, sometimes open-ended.
+    fn raw_parts() -> impl Strategy<Value = (ClockVector, Vec<(IdRange, ClockVector)>)> {
+        let pool_len = bound_pool().len();
+        (
+            vector(),
+            prop::collection::btree_set(0..pool_len, 0..=7),
+            prop::collection::vec(prop::option::weighted(0.7, vector()), 8),
+            prop::option::of(vector()),
+            any::<bool>(),
+        )
+            .prop_map(|(base, bounds, pieces, open_end, copy_base)| {
+                let pool = bound_pool();
+                let bounds: Vec<&[u8]> = bounds.into_iter().map(|i| pool[i].as_slice()).collect();
+                let mut exceptions = Vec::new();
+                for (n, pair) in bounds.windows(2).enumerate() {
+                    if let Some(v) = &pieces[n] {
+                        // Now and then an exception that repeats the base vector.
+                        let v = if copy_base && n % 3 == 0 {
+                            base.clone()
+                        } else {
+                            v.clone()
+                        };
+                        exceptions.push((range_between(pair[0], Some(pair[1])), v));
+                    }
+                }
+                if let (Some(v), Some(last)) = (open_end, bounds.last()) {
+                    exceptions.push((IdRange::from_start(last.to_vec()), v));
+                }
+                (base, exceptions)
+            })
+    }
+
+    fn knowledge() -> impl Strategy<Value = Knowledge> {
+        raw_parts().prop_map(|(base, exceptions)| {
+            Knowledge::from_parts(base, exceptions)
+                .expect("generated exceptions are sorted and disjoint")
+        })
+    }
+
+    fn id_range() -> impl Strategy<Value = IdRange> {
+        let pool_len = bound_pool().len();
+        prop_oneof![
+            Just(IdRange::all()),
+            (0..pool_len).prop_map(|i| IdRange::from_start(bound_pool()[i].clone())),
+            (0..pool_len, 0..pool_len).prop_filter_map("empty range", |(i, j)| {
+                let (lo, hi) = (i.min(j), i.max(j));
+                (lo < hi).then(|| range_between(&bound_pool()[lo], Some(&bound_pool()[hi])))
+            }),
+            item().prop_map(|i| IdRange::single(&i)),
+        ]
+    }
+
+    fn item() -> impl Strategy<Value = ItemId> {
+        (0..probes().len()).prop_map(|i| probes()[i].clone())
+    }
+
+    /// What `from_parts` input means, read directly: the exception holding `item`,
+    /// else the base.
+    fn reference_vector<'a>(
+        base: &'a ClockVector,
+        exceptions: &'a [(IdRange, ClockVector)],
+        item: &[u8],
+    ) -> &'a ClockVector {
+        exceptions
+            .iter()
+            .find(|(r, _)| r.contains(item))
+            .map_or(base, |(_, v)| v)
+    }
+
+    /// Splits every exception with an inner pool bound into two adjacent pieces with
+    /// the same vector, and fills every gap with an exception equal to the base: the
+    /// same function, written as uncompactly as possible.
+    fn decompact(k: &Knowledge) -> Vec<(IdRange, ClockVector)> {
+        let mut out = Vec::new();
+        let mut cursor: Vec<u8> = Vec::new();
+        for (range, vector) in k.exceptions() {
+            if cursor.as_slice() < range.start() {
+                out.push((
+                    range_between(&cursor, Some(range.start())),
+                    k.base().clone(),
+                ));
+            }
+            let inner = bound_pool().iter().find(|b| {
+                b.as_slice() > range.start() && range.end().is_none_or(|e| b.as_slice() < e)
+            });
+            match inner {
+                Some(mid) => {
+                    out.push((range_between(range.start(), Some(mid)), vector.clone()));
+                    out.push((range_between(mid, range.end()), vector.clone()));
+                }
+                None => out.push((range.clone(), vector.clone())),
+            }
+            cursor = range
+                .end()
+                .expect("canonical exceptions are bounded")
+                .to_vec();
+        }
+        // The tail, as an open-ended exception carrying the base.
+        out.push((IdRange::from_start(cursor), k.base().clone()));
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn from_parts_means_what_its_input_says((base, exceptions) in raw_parts()) {
+            let k = Knowledge::from_parts(base.clone(), exceptions.clone())
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(k.is_well_formed(), "{k:?}");
+            for p in probes() {
+                prop_assert_eq!(
+                    k.vector_for(p.as_bytes()),
+                    reference_vector(&base, &exceptions, p.as_bytes()),
+                    "item {:?} of {:?}", p, k
+                );
+            }
+        }
+
+        #[test]
+        fn from_parts_of_a_non_compact_input_is_the_compact_value(k in knowledge()) {
+            let loose = decompact(&k);
+            let again = Knowledge::from_parts(k.base().clone(), loose.clone())
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(again.is_well_formed());
+            prop_assert_eq!(&again, &k, "from {:?}", loose);
+            prop_assert_eq!(probe(&again), probe(&k));
+            // Another base with everything covered by exceptions: the same function, so
+            // the same canonical value.
+            let other_base = k.base().max(&ClockVector::from_pairs([(replica(4), 1)]));
+            let covered = Knowledge::from_parts(other_base, decompact(&k))
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(&covered, &k);
+        }
+
+        #[test]
+        fn combine_is_commutative(a in knowledge(), b in knowledge()) {
+            let (ab, ba) = (a.combine(&b), b.combine(&a));
+            prop_assert!(ab.is_well_formed() && ba.is_well_formed());
+            prop_assert_eq!(&ab, &ba);
+            prop_assert_eq!(probe(&ab), probe(&ba));
+        }
+
+        #[test]
+        fn combine_is_associative(a in knowledge(), b in knowledge(), c in knowledge()) {
+            let left = a.combine(&b).combine(&c);
+            let right = a.combine(&b.combine(&c));
+            prop_assert!(left.is_well_formed() && right.is_well_formed());
+            prop_assert_eq!(&left, &right);
+            prop_assert_eq!(probe(&left), probe(&right));
+        }
+
+        #[test]
+        fn combine_is_idempotent(a in knowledge()) {
+            let aa = a.combine(&a);
+            prop_assert!(aa.is_well_formed());
+            prop_assert_eq!(&aa, &a);
+            prop_assert_eq!(probe(&aa), probe(&a));
+            prop_assert_eq!(a.combine(&Knowledge::new()), a.clone());
+        }
+
+        #[test]
+        fn combine_contains_what_either_side_contains(a in knowledge(), b in knowledge()) {
+            let ab = a.combine(&b);
+            prop_assert!(ab.is_well_formed());
+            prop_assert_eq!(probe(&ab), zip_bools(&probe(&a), &probe(&b), |x, y| x || y));
+        }
+
+        #[test]
+        fn intersect_contains_what_both_sides_contain(a in knowledge(), b in knowledge()) {
+            let both = a.intersect(&b);
+            prop_assert!(both.is_well_formed());
+            prop_assert_eq!(probe(&both), zip_bools(&probe(&a), &probe(&b), |x, y| x && y));
+            prop_assert_eq!(&both, &b.intersect(&a));
+            prop_assert_eq!(a.intersect(&a), a.clone());
+        }
+
+        #[test]
+        fn project_keeps_exactly_the_inside(k in knowledge(), range in id_range()) {
+            let inside = k.project(&range);
+            prop_assert!(inside.is_well_formed(), "{inside:?}");
+            for p in probes() {
+                let expected = if range.contains(p.as_bytes()) {
+                    k.vector_for(p.as_bytes()).clone()
+                } else {
+                    ClockVector::new()
+                };
+                prop_assert_eq!(inside.vector_for(p.as_bytes()), &expected, "item {:?}", p);
+                for v in probe_versions() {
+                    prop_assert_eq!(
+                        inside.contains(p, v),
+                        range.contains(p.as_bytes()) && k.contains(p, v)
+                    );
+                }
+            }
+            prop_assert!(k.contains_knowledge(&inside));
+        }
+
+        #[test]
+        fn exclude_forgets_one_item_and_nothing_else(k in knowledge(), gone in item()) {
+            let out = k.exclude(&gone);
+            prop_assert!(out.is_well_formed(), "{out:?}");
+            for p in probes() {
+                for v in probe_versions() {
+                    let expected = *p != gone && k.contains(p, v);
+                    prop_assert_eq!(out.contains(p, v), expected, "item {:?} version {:?}", p, v);
+                }
+            }
+            // Combined into a destination, the excluded item keeps the destination's vector.
+            let destination = Knowledge::from_vector(ClockVector::from_pairs([(replica(4), 2)]));
+            let merged = destination.combine(&out);
+            prop_assert_eq!(merged.vector_for(gone.as_bytes()), destination.vector_for(gone.as_bytes()));
+        }
+
+        #[test]
+        fn contains_knowledge_agrees_with_probing(a in knowledge(), b in knowledge()) {
+            prop_assert_eq!(a.contains_knowledge(&b), probe_dominates(&a, &b));
+            prop_assert_eq!(b.contains_knowledge(&a), probe_dominates(&b, &a));
+        }
+
+        #[test]
+        fn contains_knowledge_is_a_partial_order(a in knowledge(), b in knowledge(), c in knowledge()) {
+            prop_assert!(a.contains_knowledge(&a));
+            prop_assert!(a.contains_knowledge(&Knowledge::new()));
+            let ab = a.combine(&b);
+            prop_assert!(ab.contains_knowledge(&a) && ab.contains_knowledge(&b));
+            // Antisymmetric: mutual containment is equality, because `==` is semantic.
+            if a.contains_knowledge(&b) && b.contains_knowledge(&a) {
+                prop_assert_eq!(&a, &b);
+            }
+            let abc = ab.combine(&c);
+            prop_assert!(abc.contains_knowledge(&ab) && ab.contains_knowledge(&a));
+            prop_assert!(abc.contains_knowledge(&a), "transitivity");
+            // The combination is the least upper bound.
+            if c.contains_knowledge(&a) && c.contains_knowledge(&b) {
+                prop_assert!(c.contains_knowledge(&ab));
+            }
+        }
+
+        #[test]
+        fn cut_and_set_replica_tick_act_on_one_replica(k in knowledge(), tick in 0u64..=5) {
+            let r = replica(2);
+            let cut = k.cut_replica(r, tick);
+            let set = k.with_replica_tick(r, tick);
+            prop_assert!(cut.is_well_formed() && set.is_well_formed());
+            prop_assert!(k.contains_knowledge(&cut));
+            prop_assert!(cut.max_tick(r) <= tick);
+            for p in probes() {
+                for v in probe_versions() {
+                    let (k_has, cut_has, set_has) = (k.contains(p, v), cut.contains(p, v), set.contains(p, v));
+                    if v.replica == r {
+                        prop_assert_eq!(cut_has, k_has && v.tick <= tick);
+                        prop_assert_eq!(set_has, v.tick <= tick);
+                    } else {
+                        prop_assert_eq!(cut_has, k_has);
+                        prop_assert_eq!(set_has, k_has);
+                    }
+                }
+            }
+            let ticks: Vec<u64> = probes().iter().map(|p| k.vector_for(p.as_bytes()).get(r)).collect();
+            prop_assert_eq!(k.max_tick(r), ticks.iter().copied().max().unwrap_or(0));
+            prop_assert_eq!(k.min_tick(r), ticks.iter().copied().min().unwrap_or(0));
+        }
+
+        #[test]
+        fn encoding_round_trips_exactly(k in knowledge()) {
+            let bytes = encode_knowledge(&k);
+            let back = decode_knowledge(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(back.is_well_formed());
+            prop_assert_eq!(&back, &k);
+            prop_assert_eq!(encode_knowledge(&back), bytes);
+        }
     }
 }

@@ -19,11 +19,11 @@ mod knowledge;
 mod version;
 
 pub use change::{BatchMode, ChangeBatch, ChangeGroup, ChangeKind, ItemChange};
+pub(crate) use codec::RawKnowledge;
 pub use codec::{
     decode_batch, decode_knowledge, encode_batch, encode_knowledge, MAX_BATCH_BYTES,
     MAX_CHANGES_PER_BATCH, MAX_EXCEPTIONS, MAX_ITEM_DATA_LEN, MAX_REPLICAS_PER_VECTOR,
 };
-pub(crate) use codec::RawKnowledge;
 pub use error::ModelError;
 pub use hlc::Hlc;
 pub use ids::{ItemId, ReplicaId, MAX_ITEM_ID_LEN};

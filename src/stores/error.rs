@@ -15,7 +15,11 @@ pub enum StoreError {
         reason: String,
     },
     #[error("item {item}: value is {len} bytes; the limit is {max}")]
-    ValueTooLarge { item: ItemId, len: usize, max: usize },
+    ValueTooLarge {
+        item: ItemId,
+        len: usize,
+        max: usize,
+    },
     #[error("replica {replica} has no saved conflict for item {item}")]
     NoSuchConflict { replica: ReplicaId, item: ItemId },
     #[error(transparent)]

@@ -320,11 +320,15 @@ impl SyncProvider for Replica {
         self.metadata.id()
     }
 
-    fn knowledge(&mut self) -> Result<Knowledge, SyncError> {
+    fn fetch_knowledge(&mut self) -> Result<Knowledge, SyncError> {
         Ok(self.metadata.knowledge())
     }
 
-    fn begin_session(&mut self, peer: ReplicaId, peer_knowledge: &Knowledge) -> Result<(), SyncError> {
+    fn begin_session(
+        &mut self,
+        peer: ReplicaId,
+        peer_knowledge: &Knowledge,
+    ) -> Result<(), SyncError> {
         let replica = self.metadata.id();
         if self.session_peer.is_some() {
             return Err(SyncError::ReplicaBusy { replica });
@@ -349,7 +353,8 @@ impl SyncProvider for Replica {
     fn end_session(&mut self, completed: bool) -> Result<(), SyncError> {
         self.session_peer = None;
         self.enumeration = None;
-        if completed {
+        // A no-op session between converged replicas writes nothing.
+        if completed && self.metadata.last_sync_tick() != self.metadata.tick() {
             let mut commit = self.metadata.begin();
             commit.set_last_sync_tick(self.metadata.tick());
             self.metadata.commit(commit)?;
@@ -368,11 +373,18 @@ impl ChangeSource for Replica {
         if request.full_enumeration {
             return Ok(None);
         }
-        let e = sync::Enumeration::of(&self.metadata, &mut self.enumeration, request.destination_knowledge)?;
+        let e = sync::Enumeration::of(
+            &self.metadata,
+            &mut self.enumeration,
+            request.destination_knowledge,
+        )?;
         Ok(Some(e.len() as u64))
     }
 
-    fn change_batch(&mut self, request: &BatchRequest<'_>) -> Result<crate::model::ChangeBatch, SyncError> {
+    fn change_batch(
+        &mut self,
+        request: &BatchRequest<'_>,
+    ) -> Result<crate::model::ChangeBatch, SyncError> {
         sync::change_batch(&self.metadata, &*self.items, &mut self.enumeration, request)
     }
 }
@@ -385,6 +397,13 @@ impl ChangeDestination for Replica {
         observer: &mut dyn SyncObserver,
     ) -> Result<BatchOutcome, SyncError> {
         let now = self.clock.now_ms();
-        sync::apply_batch(&mut self.metadata, &mut *self.items, batch, policy, observer, now)
+        sync::apply_batch(
+            &mut self.metadata,
+            &mut *self.items,
+            batch,
+            policy,
+            observer,
+            now,
+        )
     }
 }

@@ -12,7 +12,12 @@ impl ItemStore for SledItems {
         metadata.data(item).map_err(|e| e.to_string())
     }
 
-    fn stage(&mut self, commit: &mut Commit, item: &ItemId, data: Option<&[u8]>) -> Result<(), String> {
+    fn stage(
+        &mut self,
+        commit: &mut Commit,
+        item: &ItemId,
+        data: Option<&[u8]>,
+    ) -> Result<(), String> {
         match data {
             Some(data) => commit.put_data(item, data),
             None => commit.remove_data(item),

@@ -145,11 +145,13 @@ pub fn apply_batch(
                     let local_data = if local.deleted {
                         None
                     } else {
-                        items.read(metadata, item).map_err(|reason| SyncError::ItemStore {
-                            replica: destination,
-                            item: item.clone(),
-                            reason,
-                        })?
+                        items
+                            .read(metadata, item)
+                            .map_err(|reason| SyncError::ItemStore {
+                                replica: destination,
+                                item: item.clone(),
+                                reason,
+                            })?
                     };
                     let ConflictPolicy::ApplicationDefined(handler) = policy else {
                         unreachable!("asked only for application-defined policies")
@@ -180,7 +182,14 @@ pub fn apply_batch(
                     timestamp: change.timestamp,
                     deleted: change.is_delete(),
                 };
-                stage(&mut commit, items, item, &meta, local.as_ref(), Some(change.data.as_deref()))
+                stage(
+                    &mut commit,
+                    items,
+                    item,
+                    &meta,
+                    local.as_ref(),
+                    Some(change.data.as_deref()),
+                )
             }
             Action::Fresh(data) => {
                 let (version, timestamp) = commit.next_version(now_ms);
@@ -190,10 +199,19 @@ pub fn apply_batch(
                     timestamp,
                     deleted: data.is_none(),
                 };
-                stage(&mut commit, items, item, &meta, local.as_ref(), Some(data.as_deref()))
+                stage(
+                    &mut commit,
+                    items,
+                    item,
+                    &meta,
+                    local.as_ref(),
+                    Some(data.as_deref()),
+                )
             }
             Action::Restamp => {
-                let local = local.as_ref().expect("restamp follows a conflict, which has local metadata");
+                let local = local
+                    .as_ref()
+                    .expect("restamp follows a conflict, which has local metadata");
                 let (version, timestamp) = commit.next_version(now_ms);
                 let meta = ItemMeta {
                     version,
@@ -224,18 +242,15 @@ pub fn apply_batch(
     }
 
     if let BatchMode::FullEnumeration { forgotten } = batch.mode() {
-        for group in batch.groups() {
-            remove_forgotten(
-                metadata,
-                items,
-                &mut commit,
-                group,
-                batch.excluded(),
-                forgotten,
-                &mut failed,
-                &mut outcome,
-            )?;
-        }
+        remove_forgotten(
+            metadata,
+            items,
+            &mut commit,
+            &batch,
+            forgotten,
+            &mut failed,
+            &mut outcome,
+        )?;
         let mut newly_forgotten = Knowledge::new();
         for group in batch.groups() {
             newly_forgotten = newly_forgotten.combine(&forgotten.project(group.range()));
@@ -270,38 +285,40 @@ fn stage(
     Ok(())
 }
 
-/// Full enumeration: every item the destination holds in the group's range that the
+/// Full enumeration: every item the destination holds in a group's range that the
 /// source did not name, and whose version the source has forgotten, was deleted at the
 /// source and its tombstone cleaned up. Remove it entirely.
 fn remove_forgotten(
     metadata: &MetadataStore,
     items: &mut dyn ItemStore,
     commit: &mut Commit,
-    group: &crate::model::ChangeGroup,
-    excluded: &[ItemId],
+    batch: &ChangeBatch,
     forgotten: &Knowledge,
     failed: &mut Vec<ItemId>,
     outcome: &mut BatchOutcome,
 ) -> Result<(), SyncError> {
-    let range = group.range();
-    for entry in metadata.items_from(range.start()) {
-        let (id, meta) = entry?;
-        if !range.contains(id.as_bytes()) {
-            break;
-        }
-        let named = group.names(&id) || excluded.contains(&id);
-        if named || !forgotten.contains(&id, meta.version) {
-            continue;
-        }
-        if !meta.deleted {
-            if let Err(_reason) = items.stage(commit, &id, None) {
-                failed.push(id);
-                outcome.failed += 1;
+    for group in batch.groups() {
+        let range = group.range();
+        for entry in metadata.items_from(range.start()) {
+            let (id, meta) = entry?;
+            if !range.contains(id.as_bytes()) {
+                break;
+            }
+            // An item the source could not read this time (excluded) is still held there.
+            let named = group.names(&id) || batch.excluded().contains(&id);
+            if named || !forgotten.contains(&id, meta.version) {
                 continue;
             }
-            outcome.forgotten_removed += 1;
+            if !meta.deleted {
+                if let Err(_reason) = items.stage(commit, &id, None) {
+                    failed.push(id);
+                    outcome.failed += 1;
+                    continue;
+                }
+                outcome.forgotten_removed += 1;
+            }
+            commit.forget_item(&id, &meta);
         }
-        commit.forget_item(&id, &meta);
     }
     Ok(())
 }

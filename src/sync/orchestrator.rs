@@ -5,7 +5,7 @@ use super::{
     BatchRequest, ChangeDestination, ChangeSource, Clock, Direction, ForgottenRecovery, Peer,
     Progress, SessionOptions, SessionStats, SyncError, SyncObserver, SyncReport,
 };
-use crate::model::MAX_CHANGES_PER_BATCH;
+use crate::model::{Knowledge, MAX_CHANGES_PER_BATCH};
 
 /// Syncs `local` with `remote` in the directions of `options`. A cancelled first
 /// direction skips the second.
@@ -70,21 +70,34 @@ where
         started_at_ms: clock.now_ms(),
         ..SessionStats::default()
     };
-    let source_knowledge = source.knowledge()?;
-    let destination_knowledge = destination.knowledge()?;
+    let source_knowledge = source.fetch_knowledge()?;
+    let destination_knowledge = destination.fetch_knowledge()?;
     source.begin_session(destination_id, &destination_knowledge)?;
     if let Err(e) = destination.begin_session(source_id, &source_knowledge) {
         let _ = source.end_session(false);
         return Err(e);
     }
-    let outcome = transfer(
-        source,
-        destination,
-        options,
-        observer,
-        &destination_knowledge,
-        &mut stats,
-    );
+    // A panic inside a provider or the conflict callback must still take both replicas
+    // out of the session, or they would refuse every later sync until reopened.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        transfer(
+            &mut *source,
+            &mut *destination,
+            options,
+            observer,
+            &source_knowledge,
+            &destination_knowledge,
+            &mut stats,
+        )
+    }));
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            let _ = destination.end_session(false);
+            let _ = source.end_session(false);
+            std::panic::resume_unwind(panic);
+        }
+    };
     let completed = matches!(outcome, Ok(true));
     // Close both sides whatever happened; the first error wins.
     let ended_destination = destination.end_session(completed);
@@ -102,13 +115,20 @@ fn transfer<S, D>(
     destination: &mut D,
     options: &SessionOptions,
     observer: &mut dyn SyncObserver,
-    destination_knowledge: &crate::model::Knowledge,
+    source_knowledge: &Knowledge,
+    destination_knowledge: &Knowledge,
     stats: &mut SessionStats,
 ) -> Result<bool, SyncError>
 where
     S: ChangeSource + ?Sized,
     D: ChangeDestination + ?Sized,
 {
+    // A destination that already knows everything the source knows has nothing to
+    // receive and nothing to learn (and contains the source's forgotten knowledge,
+    // which lies inside the source's knowledge): no batch at all.
+    if destination_knowledge.contains_knowledge(source_knowledge) {
+        return Ok(true);
+    }
     let forgotten = source.forgotten_knowledge()?;
     let full_enumeration = !destination_knowledge.contains_knowledge(&forgotten);
     if full_enumeration && options.recovery == ForgottenRecovery::Abort {
@@ -146,10 +166,16 @@ where
             .groups()
             .last()
             .and_then(|g| g.range().end().map(<[u8]>::to_vec));
-        if !is_last && next_start.as_deref().is_none_or(|next| next <= start.as_slice()) {
+        if !is_last
+            && next_start
+                .as_deref()
+                .is_none_or(|next| next <= start.as_slice())
+        {
             return Err(SyncError::BadBatch {
                 source_replica: source.replica_id(),
-                reason: "a batch that is not the last must end its groups ahead of where it started".into(),
+                reason:
+                    "a batch that is not the last must end its groups ahead of where it started"
+                        .into(),
             });
         }
         let outcome = destination.process_batch(batch, &options.policy, observer)?;

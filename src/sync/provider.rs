@@ -110,11 +110,16 @@ pub struct BatchRequest<'a> {
 /// What every provider offers, in either role.
 pub trait SyncProvider {
     fn replica_id(&self) -> ReplicaId;
-    fn knowledge(&mut self) -> Result<Knowledge, SyncError>;
+    /// The provider's current knowledge (for a remote provider, a round trip).
+    fn fetch_knowledge(&mut self) -> Result<Knowledge, SyncError>;
     /// Joins a session with `peer`. Fails if the replica is in another session, or if
     /// `peer_knowledge` holds ticks of this replica above its counter (it was restored
     /// from an old copy and would issue those ticks again).
-    fn begin_session(&mut self, peer: ReplicaId, peer_knowledge: &Knowledge) -> Result<(), SyncError>;
+    fn begin_session(
+        &mut self,
+        peer: ReplicaId,
+        peer_knowledge: &Knowledge,
+    ) -> Result<(), SyncError>;
     /// Leaves the session. When `completed`, everything committed is flushed to disk
     /// before this returns, so a reported success is durable.
     fn end_session(&mut self, completed: bool) -> Result<(), SyncError>;
@@ -151,5 +156,10 @@ pub trait ItemStore: Send {
     fn read(&self, metadata: &MetadataStore, item: &ItemId) -> Result<Option<Vec<u8>>, String>;
     /// Writes an item's new data (`None`: delete it) as part of `commit`. An error fails
     /// this item only: it is reported, not learned, and sent again next session.
-    fn stage(&mut self, commit: &mut Commit, item: &ItemId, data: Option<&[u8]>) -> Result<(), String>;
+    fn stage(
+        &mut self,
+        commit: &mut Commit,
+        item: &ItemId,
+        data: Option<&[u8]>,
+    ) -> Result<(), String>;
 }

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use knit::{
-    run_session, Clock, ConflictPolicy, ItemId, NoObserver, Replica, SessionOptions,
-    SessionStats, SyncObserver,
+    run_session, Clock, ConflictPolicy, ItemId, NoObserver, Replica, SessionOptions, SessionStats,
+    SyncObserver,
 };
 
 pub type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -87,7 +87,10 @@ impl Net {
     }
 
     pub fn del(&mut self, name: &str, key: &str) -> knit::Version {
-        self.r(name).delete(&id(key)).expect("delete").expect("was live")
+        self.r(name)
+            .delete(&id(key))
+            .expect("delete")
+            .expect("was live")
     }
 
     pub fn get(&mut self, name: &str, key: &str) -> Option<String> {
@@ -107,14 +110,22 @@ impl Net {
     ) -> Result<SessionStats, knit::SyncError> {
         let mut src = self.replicas.remove(source).expect("known source");
         let result = {
-            let dst = self.replicas.get_mut(destination).expect("known destination");
+            let dst = self
+                .replicas
+                .get_mut(destination)
+                .expect("known destination");
             run_session(&mut src, dst, options, observer, &*self.clock)
         };
         self.replicas.insert(source.to_string(), src);
         result
     }
 
-    pub fn sync_policy(&mut self, source: &str, destination: &str, policy: ConflictPolicy) -> SessionStats {
+    pub fn sync_policy(
+        &mut self,
+        source: &str,
+        destination: &str,
+        policy: ConflictPolicy,
+    ) -> SessionStats {
         let options = SessionOptions {
             policy,
             batch_size: 2,
