@@ -196,15 +196,14 @@ impl knit::SyncProvider for Probe<'_> {
     fn replica_id(&self) -> ReplicaId {
         self.replica.id()
     }
-    fn fetch_knowledge(&mut self) -> Result<Knowledge, SyncError> {
-        Ok(Replica::knowledge(self.replica))
+    fn fetch_info(&mut self) -> Result<knit::PeerInfo, SyncError> {
+        knit::SyncProvider::fetch_info(&mut *self.replica)
     }
-    fn begin_session(
-        &mut self,
-        peer: ReplicaId,
-        peer_knowledge: &Knowledge,
-    ) -> Result<(), SyncError> {
-        knit::SyncProvider::begin_session(&mut *self.replica, peer, peer_knowledge)
+    fn begin_session(&mut self, peer: &knit::PeerInfo) -> Result<(), SyncError> {
+        knit::SyncProvider::begin_session(&mut *self.replica, peer)
+    }
+    fn note_peer_epoch(&mut self, peer: ReplicaId, epoch: u64) -> Result<(), SyncError> {
+        knit::SyncProvider::note_peer_epoch(&mut *self.replica, peer, epoch)
     }
     fn end_session(&mut self, completed: bool) -> Result<(), SyncError> {
         knit::SyncProvider::end_session(&mut *self.replica, completed)

@@ -67,6 +67,16 @@ pub(crate) struct ClockRecord {
     /// This replica's tick when its last sync session completed (`knit rekey` cuts
     /// knowledge of the old id back to it).
     pub(crate) last_sync_tick: u64,
+    /// Bumped (and flushed) before every session in which this replica sends changes.
+    /// Peers remember the highest epoch they saw; a replica restored from an old copy
+    /// presents a lower one, even once its tick count has caught up.
+    pub(crate) epoch: u64,
+}
+
+/// The highest session epoch seen from one peer.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PeerRecord {
+    pub(crate) epoch: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -86,6 +96,7 @@ pub(crate) const KIND_CLOCK: u8 = b'C';
 pub(crate) const KIND_KNOWLEDGE: u8 = b'K';
 pub(crate) const KIND_ITEM: u8 = b'I';
 pub(crate) const KIND_CONFLICT: u8 = b'X';
+pub(crate) const KIND_PEER: u8 = b'P';
 
 fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<RECORD_LIMIT>()
@@ -209,6 +220,7 @@ pub fn check_record(bytes: &[u8]) -> Result<(), String> {
         Some(&KIND_KNOWLEDGE) => decode_knowledge_record(bytes).map(drop),
         Some(&KIND_ITEM) => ItemMeta::decode(bytes).map(drop),
         Some(&KIND_CONFLICT) => SavedConflict::decode(bytes).map(drop),
+        Some(&KIND_PEER) => decode::<PeerRecord>(KIND_PEER, bytes).map(drop),
         Some(k) => Err(format!("unknown record kind {k:#04x}")),
         None => Err("empty record".into()),
     }

@@ -1,8 +1,8 @@
 use std::path::{Path, PathBuf};
 
 use super::records::{
-    decode, decode_knowledge_record, encode, encode_knowledge_record, ClockRecord, ReplicaRecord,
-    KIND_CLOCK, KIND_REPLICA,
+    decode, decode_knowledge_record, encode, encode_knowledge_record, ClockRecord, PeerRecord,
+    ReplicaRecord, KIND_CLOCK, KIND_PEER, KIND_REPLICA,
 };
 use super::{ItemMeta, MetadataError, SavedConflict};
 use crate::model::{Hlc, ItemId, Knowledge, ReplicaId, Version};
@@ -20,6 +20,7 @@ const PREFIX_ITEM: u8 = 0x10;
 const PREFIX_INDEX: u8 = 0x11;
 const PREFIX_DATA: u8 = 0x12;
 const PREFIX_CONFLICT: u8 = 0x13;
+const PREFIX_PEER: u8 = 0x14;
 
 fn prefixed(prefix: u8, id: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(id.len() + 1);
@@ -173,6 +174,22 @@ impl MetadataStore {
 
     pub fn last_sync_tick(&self) -> u64 {
         self.clock.last_sync_tick
+    }
+
+    /// This replica's session epoch (see `ClockRecord::epoch`).
+    pub fn epoch(&self) -> u64 {
+        self.clock.epoch
+    }
+
+    /// The highest session epoch seen from `peer` (0 if never met).
+    pub fn peer_epoch(&self, peer: ReplicaId) -> Result<u64, MetadataError> {
+        let key = prefixed(PREFIX_PEER, peer.as_bytes());
+        match self.get(&key)? {
+            None => Ok(0),
+            Some(bytes) => decode::<PeerRecord>(KIND_PEER, &bytes)
+                .map(|r| r.epoch)
+                .map_err(|r| self.damaged(&key, r)),
+        }
     }
 
     /// Everything this replica knows, its own changes included.
@@ -510,6 +527,20 @@ impl Commit {
         self.clock.last_sync_tick = tick;
     }
 
+    /// Moves this replica to its next session epoch and returns it.
+    pub fn bump_epoch(&mut self) -> u64 {
+        self.clock.epoch += 1;
+        self.clock.epoch
+    }
+
+    /// Records the highest session epoch seen from `peer`.
+    pub fn set_peer_epoch(&mut self, peer: ReplicaId, epoch: u64) {
+        self.batch.insert(
+            prefixed(PREFIX_PEER, peer.as_bytes()),
+            encode(KIND_PEER, &PeerRecord { epoch }),
+        );
+    }
+
     /// The tick this commit will leave the replica at.
     pub fn tick(&self) -> u64 {
         self.clock.tick
@@ -530,7 +561,25 @@ fn sled_files_present(path: &Path) -> bool {
     path.join("conf").is_file() && path.join("db").is_file()
 }
 
+/// How long `open` waits for sled's folder lock. sled 0.34 releases the lock from its
+/// background threads a moment after the last handle drops (sled issue #1289), so a
+/// close followed at once by an open can find it still held; a folder held by another
+/// live process stays locked and is reported as in use after this.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn open_sled(path: &Path) -> Result<sled::Db, MetadataError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match open_sled_once(path) {
+            Err(MetadataError::InUse { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn open_sled_once(path: &Path) -> Result<sled::Db, MetadataError> {
     let config = sled::Config::new().path(path);
     // sled 0.34 may panic while recovering a damaged log instead of returning an error;
     // turn that into an error that names the folder.
@@ -569,6 +618,7 @@ fn describe_key(key: &[u8]) -> String {
         Some(&PREFIX_INDEX) => "change index entry".into(),
         Some(&PREFIX_DATA) => format!("data of {:?}", show(&key[1..])),
         Some(&PREFIX_CONFLICT) => format!("saved conflict of {:?}", show(&key[1..])),
+        Some(&PREFIX_PEER) => "peer epoch record".into(),
         _ => format!("{key:?}"),
     }
 }

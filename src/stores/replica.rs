@@ -6,8 +6,8 @@ use crate::metadata::{ItemMeta, MetadataStore, SavedConflict, StoreSummary};
 use crate::model::{ClockVector, ItemId, Knowledge, ReplicaId, Version, MAX_ITEM_DATA_LEN};
 use crate::sync::{
     self, BatchOutcome, BatchRequest, ChangeDestination, ChangeSource, Clock, ConflictPolicy,
-    Enumeration, ItemStore, SessionOptions, SyncError, SyncObserver, SyncProvider, SyncReport,
-    SystemClock,
+    Enumeration, ItemStore, PeerInfo, SessionOptions, SyncError, SyncObserver, SyncProvider,
+    SyncReport, SystemClock,
 };
 
 /// Which side a saved conflict is settled for.
@@ -320,33 +320,64 @@ impl SyncProvider for Replica {
         self.metadata.id()
     }
 
-    fn fetch_knowledge(&mut self) -> Result<Knowledge, SyncError> {
-        Ok(self.metadata.knowledge())
+    fn fetch_info(&mut self) -> Result<PeerInfo, SyncError> {
+        Ok(PeerInfo {
+            replica: self.metadata.id(),
+            knowledge: self.metadata.knowledge(),
+            epoch: self.metadata.epoch(),
+        })
     }
 
-    fn begin_session(
-        &mut self,
-        peer: ReplicaId,
-        peer_knowledge: &Knowledge,
-    ) -> Result<(), SyncError> {
+    fn begin_session(&mut self, peer: &PeerInfo) -> Result<(), SyncError> {
         let replica = self.metadata.id();
         if self.session_peer.is_some() {
             return Err(SyncError::ReplicaBusy { replica });
         }
-        let known_tick = peer_knowledge.max_tick(replica);
+        if peer.replica == replica {
+            return Err(SyncError::SameReplica { replica });
+        }
+        // Am I restored? The peer holds ticks of mine I have not issued yet.
+        let known_tick = peer.knowledge.max_tick(replica);
         if known_tick > self.metadata.tick() {
             return Err(SyncError::ReplicaRestored {
                 replica,
-                peer,
-                known_tick,
-                own_tick: self.metadata.tick(),
+                peer: peer.replica,
+                evidence: format!(
+                    "{} knows its tick {known_tick} but the replica is at tick {}",
+                    peer.replica,
+                    self.metadata.tick()
+                ),
             });
         }
-        // Local changes are about to be sent: make them durable first, so a crash can
-        // never roll back a tick a peer already holds.
+        // Is the peer restored? It presents a session epoch below one it showed before.
+        let seen = self.metadata.peer_epoch(peer.replica)?;
+        if peer.epoch < seen {
+            return Err(SyncError::ReplicaRestored {
+                replica: peer.replica,
+                peer: replica,
+                evidence: format!(
+                    "{replica} has seen its session epoch {seen} but it presents epoch {}",
+                    peer.epoch
+                ),
+            });
+        }
+        if peer.epoch > seen {
+            self.note_peer_epoch(peer.replica, peer.epoch)?;
+        }
+        // Local changes may be about to be sent: make them durable first, so a crash
+        // can never roll back a tick a peer already holds.
         self.metadata.flush()?;
-        self.session_peer = Some(peer);
+        self.session_peer = Some(peer.replica);
         self.enumeration = None;
+        Ok(())
+    }
+
+    fn note_peer_epoch(&mut self, peer: ReplicaId, epoch: u64) -> Result<(), SyncError> {
+        if epoch > self.metadata.peer_epoch(peer)? {
+            let mut commit = self.metadata.begin();
+            commit.set_peer_epoch(peer, epoch);
+            self.metadata.commit(commit)?;
+        }
         Ok(())
     }
 
@@ -365,6 +396,15 @@ impl SyncProvider for Replica {
 }
 
 impl ChangeSource for Replica {
+    fn begin_sending(&mut self) -> Result<u64, SyncError> {
+        let mut commit = self.metadata.begin();
+        let epoch = commit.bump_epoch();
+        self.metadata.commit(commit)?;
+        // Durable before any change leaves: a crash must not hand out this epoch twice.
+        self.metadata.flush()?;
+        Ok(epoch)
+    }
+
     fn forgotten_knowledge(&mut self) -> Result<Knowledge, SyncError> {
         Ok(self.metadata.forgotten().clone())
     }

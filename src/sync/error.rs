@@ -9,14 +9,16 @@ use crate::model::{ItemId, ModelError, ReplicaId};
 #[non_exhaustive]
 pub enum SyncError {
     #[error(
-        "replica {replica} was restored from an old copy: {peer} knows its tick {known_tick} \
-         but the replica is at tick {own_tick}; run `knit rekey` on it to continue under a new id"
+        "replica {replica} was restored from an old copy: {evidence}; \
+         run `knit rekey` on it to continue under a new id"
     )]
     ReplicaRestored {
+        /// The replica that was restored.
         replica: ReplicaId,
+        /// The replica that noticed.
         peer: ReplicaId,
-        known_tick: u64,
-        own_tick: u64,
+        /// What gave it away, in words.
+        evidence: String,
     },
     #[error(
         "destination {destination} lacks tombstones that source {source_replica} has cleaned up; \

@@ -33,6 +33,6 @@ pub use policy::{
 };
 pub use provider::{
     BatchRequest, CancelToken, ChangeDestination, ChangeSource, Clock, Direction, ItemStore,
-    NoObserver, Peer, SessionOptions, SyncObserver, SyncProvider, SystemClock,
+    NoObserver, Peer, PeerInfo, SessionOptions, SyncObserver, SyncProvider, SystemClock,
 };
 pub use stats::{BatchOutcome, ConflictCounts, Progress, SessionStats, SyncReport};

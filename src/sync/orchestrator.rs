@@ -70,13 +70,15 @@ where
         started_at_ms: clock.now_ms(),
         ..SessionStats::default()
     };
-    let source_knowledge = source.fetch_knowledge()?;
-    let destination_knowledge = destination.fetch_knowledge()?;
-    source.begin_session(destination_id, &destination_knowledge)?;
-    if let Err(e) = destination.begin_session(source_id, &source_knowledge) {
+    let source_info = source.fetch_info()?;
+    let destination_info = destination.fetch_info()?;
+    source.begin_session(&destination_info)?;
+    if let Err(e) = destination.begin_session(&source_info) {
         let _ = source.end_session(false);
         return Err(e);
     }
+    let (source_knowledge, destination_knowledge) =
+        (source_info.knowledge, destination_info.knowledge);
     // A panic inside a provider or the conflict callback must still take both replicas
     // out of the session, or they would refuse every later sync until reopened.
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -129,6 +131,8 @@ where
     if destination_knowledge.contains_knowledge(source_knowledge) {
         return Ok(true);
     }
+    let epoch = source.begin_sending()?;
+    destination.note_peer_epoch(source.replica_id(), epoch)?;
     let forgotten = source.forgotten_knowledge()?;
     let full_enumeration = !destination_knowledge.contains_knowledge(&forgotten);
     if full_enumeration && options.recovery == ForgottenRecovery::Abort {

@@ -107,19 +107,29 @@ pub struct BatchRequest<'a> {
     pub full_enumeration: bool,
 }
 
+/// What one side of a session tells the other before anything moves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub replica: ReplicaId,
+    pub knowledge: Knowledge,
+    /// The replica's session epoch: it grows before every session in which the replica
+    /// sends changes, so it never goes back unless the replica was restored from a copy.
+    pub epoch: u64,
+}
+
 /// What every provider offers, in either role.
 pub trait SyncProvider {
     fn replica_id(&self) -> ReplicaId;
-    /// The provider's current knowledge (for a remote provider, a round trip).
-    fn fetch_knowledge(&mut self) -> Result<Knowledge, SyncError>;
-    /// Joins a session with `peer`. Fails if the replica is in another session, or if
-    /// `peer_knowledge` holds ticks of this replica above its counter (it was restored
-    /// from an old copy and would issue those ticks again).
-    fn begin_session(
-        &mut self,
-        peer: ReplicaId,
-        peer_knowledge: &Knowledge,
-    ) -> Result<(), SyncError>;
+    /// The provider's id, current knowledge and session epoch (for a remote provider,
+    /// a round trip).
+    fn fetch_info(&mut self) -> Result<PeerInfo, SyncError>;
+    /// Joins a session with `peer`. Fails with `ReplicaBusy` if the replica is in
+    /// another session, and with `ReplicaRestored` if either side was restored from an
+    /// old copy: `peer` knows ticks of this replica above its counter, or presents a
+    /// session epoch below one this replica has already seen from it.
+    fn begin_session(&mut self, peer: &PeerInfo) -> Result<(), SyncError>;
+    /// Records that `peer` moved to session `epoch` (it is about to send changes).
+    fn note_peer_epoch(&mut self, peer: ReplicaId, epoch: u64) -> Result<(), SyncError>;
     /// Leaves the session. When `completed`, everything committed is flushed to disk
     /// before this returns, so a reported success is durable.
     fn end_session(&mut self, completed: bool) -> Result<(), SyncError>;
@@ -127,6 +137,9 @@ pub trait SyncProvider {
 
 /// The source side: knowledge, change batches with their data.
 pub trait ChangeSource: SyncProvider {
+    /// Called once before the first batch of a session that sends changes: moves the
+    /// source to its next session epoch, durably, and returns it.
+    fn begin_sending(&mut self) -> Result<u64, SyncError>;
     fn forgotten_knowledge(&mut self) -> Result<Knowledge, SyncError>;
     /// How many changes the destination lacks, when the source can tell cheaply.
     fn estimate_changes(&mut self, _request: &BatchRequest<'_>) -> Result<Option<u64>, SyncError> {

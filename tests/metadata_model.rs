@@ -1,0 +1,479 @@
+//! The metadata store against a reference model, and damaged stores.
+//!
+//! Random operations (put, delete, reopen, tombstone cleanup) run on a replica with a
+//! tiny key space and on a `BTreeMap` that says what must be there (sled and redb test
+//! their trees the same way). After every operation the replica must agree with the
+//! model on items, tombstones, versions, ticks, the change index and knowledge, and a
+//! reopen must change nothing.
+//!
+//! Then the damage cases: a store must refuse with an error that names the folder and
+//! the record, never panic, never create a store where there was none, never hang.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use knit::{
+    ClockVector, Hlc, ItemId, ItemMeta, Knowledge, MetadataError, Replica, ReplicaId, StoreError,
+    Version, STORE_FORMAT,
+};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+const KEYS: u8 = 4;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Put(u8, u8),
+    Delete(u8),
+    /// Close the replica and open it again, as a new process would.
+    Reopen,
+    /// Remove every tombstone (cleanup with age 0).
+    Gc,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..KEYS, 0..3u8).prop_map(|(k, v)| Op::Put(k, v)),
+        3 => (0..KEYS).prop_map(Op::Delete),
+        1 => Just(Op::Reopen),
+        1 => Just(Op::Gc),
+    ]
+}
+
+fn key(k: u8) -> ItemId {
+    id(&format!("key{k}"))
+}
+
+fn value(v: u8) -> Vec<u8> {
+    format!("value {v}").into_bytes()
+}
+
+/// What the model says about one item.
+#[derive(Clone, Debug)]
+struct Entry {
+    /// `None`: a tombstone.
+    value: Option<Vec<u8>>,
+    version_tick: u64,
+    creation_tick: u64,
+}
+
+/// The reference: items and tombstones, and the replica's tick.
+#[derive(Default)]
+struct Model {
+    items: BTreeMap<ItemId, Entry>,
+    tick: u64,
+}
+
+/// Everything a reopen must preserve.
+#[derive(Debug, PartialEq)]
+struct Image {
+    id: ReplicaId,
+    tick: u64,
+    last_hlc: Hlc,
+    knowledge: Knowledge,
+    forgotten: Knowledge,
+    items: Vec<(ItemId, Vec<u8>)>,
+    metas: Vec<(ItemId, ItemMeta)>,
+}
+
+fn image(r: &Replica) -> Result<Image, StoreError> {
+    Ok(Image {
+        id: r.id(),
+        tick: r.tick(),
+        last_hlc: r.metadata().last_hlc(),
+        knowledge: r.knowledge(),
+        forgotten: r.forgotten().clone(),
+        items: r.items()?,
+        metas: r.item_metas()?,
+    })
+}
+
+fn open(path: &Path, clock: &std::sync::Arc<ManualClock>) -> Result<Replica, StoreError> {
+    let mut r = Replica::open(path)?;
+    r.set_clock(clock.clone());
+    Ok(r)
+}
+
+type CaseResult = Result<(), TestCaseError>;
+
+fn fail(e: impl std::fmt::Display) -> TestCaseError {
+    TestCaseError::fail(e.to_string())
+}
+
+/// The replica agrees with the model.
+fn check(r: &Replica, model: &Model) -> CaseResult {
+    let me = r.id();
+    prop_assert_eq!(r.tick(), model.tick);
+
+    let live: Vec<(ItemId, Vec<u8>)> = model
+        .items
+        .iter()
+        .filter_map(|(k, e)| e.value.clone().map(|v| (k.clone(), v)))
+        .collect();
+    prop_assert_eq!(r.items().map_err(fail)?, live);
+    for k in 0..KEYS {
+        let expected = model.items.get(&key(k)).and_then(|e| e.value.clone());
+        prop_assert_eq!(r.get(&key(k)).map_err(fail)?, expected, "get {}", k);
+    }
+
+    // Every item and tombstone the model holds, at exactly the model's versions. (The
+    // timestamps come from the clock; below, they must follow the ticks.)
+    let metas = r.item_metas().map_err(fail)?;
+    let expected: Vec<(ItemId, ItemMeta)> = model
+        .items
+        .iter()
+        .map(|(k, e)| {
+            let meta = r.item_meta(k).ok().flatten();
+            let timestamp = meta.map_or(Hlc(0), |m| m.timestamp);
+            let meta = ItemMeta {
+                creation: Version::new(me, e.creation_tick),
+                version: Version::new(me, e.version_tick),
+                timestamp,
+                deleted: e.value.is_none(),
+            };
+            (k.clone(), meta)
+        })
+        .collect();
+    prop_assert_eq!(&metas, &expected);
+    let mut versions: Vec<Version> = metas.iter().map(|(_, m)| m.version).collect();
+    versions.sort_unstable();
+    versions.dedup();
+    prop_assert_eq!(versions.len(), metas.len(), "two items share a version");
+    let mut stamps: Vec<(u64, Hlc)> = metas
+        .iter()
+        .map(|(_, m)| (m.version.tick, m.timestamp))
+        .collect();
+    stamps.sort_unstable();
+    prop_assert!(
+        stamps.windows(2).all(|w| w[0].1 < w[1].1),
+        "a later tick must carry a later timestamp: {:?}",
+        stamps
+    );
+
+    // The index holds one entry per item and none above the tick.
+    let ids: Vec<ItemId> = metas.iter().map(|(k, _)| k.clone()).collect();
+    prop_assert_eq!(
+        r.metadata()
+            .changes_unknown_to(&Knowledge::new())
+            .map_err(fail)?,
+        ids
+    );
+    let up_to_tick = Knowledge::from_vector(ClockVector::from_pairs([(me, model.tick)]));
+    prop_assert!(r
+        .metadata()
+        .changes_unknown_to(&up_to_tick)
+        .map_err(fail)?
+        .is_empty());
+
+    // A replica knows all its own changes, and forgotten knowledge stays inside knowledge.
+    let knowledge = r.knowledge();
+    prop_assert_eq!(knowledge.max_tick(me), model.tick);
+    for (k, meta) in &metas {
+        prop_assert!(knowledge.contains(k, meta.version));
+    }
+    prop_assert!(knowledge.contains_knowledge(r.forgotten()));
+    Ok(())
+}
+
+fn run_case(ops: &[Op]) -> CaseResult {
+    let dir = tempfile::tempdir().map_err(fail)?;
+    let path = dir.path().join("r");
+    let clock = ManualClock::starting_at(1_000_000);
+    let mut r = Replica::create(&path).map_err(fail)?;
+    r.set_clock(clock.clone());
+    let mut model = Model::default();
+    // Versions of cleaned-up tombstones: forgotten knowledge must contain them.
+    let mut cleaned: Vec<(ItemId, Version)> = Vec::new();
+    for op in ops {
+        match *op {
+            Op::Put(k, v) => {
+                let version = r.put(&key(k), &value(v)).map_err(fail)?;
+                model.tick += 1;
+                prop_assert_eq!(version, Version::new(r.id(), model.tick));
+                let creation_tick = match model.items.get(&key(k)) {
+                    Some(Entry {
+                        value: Some(_),
+                        creation_tick,
+                        ..
+                    }) => *creation_tick,
+                    // A put after a delete starts a new life of the item.
+                    _ => model.tick,
+                };
+                model.items.insert(
+                    key(k),
+                    Entry {
+                        value: Some(value(v)),
+                        version_tick: model.tick,
+                        creation_tick,
+                    },
+                );
+            }
+            Op::Delete(k) => {
+                let deleted = r.delete(&key(k)).map_err(fail)?;
+                match model.items.get_mut(&key(k)) {
+                    Some(entry) if entry.value.is_some() => {
+                        model.tick += 1;
+                        prop_assert_eq!(deleted, Some(Version::new(r.id(), model.tick)));
+                        entry.value = None;
+                        entry.version_tick = model.tick;
+                    }
+                    // Deleting what is not there takes no tick and leaves no trace.
+                    _ => prop_assert_eq!(deleted, None),
+                }
+            }
+            Op::Reopen => {
+                let before = image(&r).map_err(fail)?;
+                drop(r);
+                // Opening right after closing must work. sled 0.34 releases its file lock
+                // from background threads a moment after the handle is dropped (sled
+                // issue #1289), so an `InUse` here means `MetadataStore::open` does not
+                // wait for that moment.
+                r = open(&path, &clock).map_err(fail)?;
+                prop_assert_eq!(image(&r).map_err(fail)?, before);
+            }
+            Op::Gc => {
+                let tombstones: Vec<(ItemId, Version)> = model
+                    .items
+                    .iter()
+                    .filter(|(_, e)| e.value.is_none())
+                    .map(|(k, e)| (k.clone(), Version::new(r.id(), e.version_tick)))
+                    .collect();
+                let report = r.collect_garbage(0).map_err(fail)?;
+                prop_assert_eq!(report.tombstones_removed, tombstones.len() as u64);
+                model.items.retain(|_, e| e.value.is_some());
+                cleaned.extend(tombstones);
+            }
+        }
+        check(&r, &model)?;
+        for (k, version) in &cleaned {
+            // Unless the key lives again, its cleaned version stays forgotten.
+            prop_assert!(r.forgotten().contains(k, *version));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn metadata_store_agrees_with_a_reference_model() -> TestResult {
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&proptest::collection::vec(op(), 1..40), |ops| {
+            run_case(&ops)
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Overwrites one raw record of a closed replica.
+fn overwrite_record(path: &Path, key: &[u8], bytes: &[u8]) -> TestResult {
+    let r = Replica::open(path)?;
+    r.metadata().raw_tree().insert(key, bytes)?;
+    r.metadata().raw_tree().flush()?;
+    Ok(())
+}
+
+fn read_record(path: &Path, key: &[u8]) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+    let r = Replica::open(path)?;
+    let bytes = r.metadata().raw_tree().get(key)?.ok_or("record missing")?;
+    Ok(bytes.to_vec())
+}
+
+const REPLICA_KEY: &[u8] = &[0x01];
+
+/// A new replica in `path` whose replica record went through `damage`; returns the
+/// error of opening it.
+fn open_with_damaged_replica_record(
+    path: &Path,
+    damage: impl Fn(&mut Vec<u8>),
+) -> Result<StoreError, Box<dyn std::error::Error>> {
+    drop(Replica::create(path)?);
+    let mut record = read_record(path, REPLICA_KEY)?;
+    // `[kind 'R', record format 1, store_format as a one-byte varint, id ...]`.
+    assert_eq!(record[..3], [b'R', 1, u8::try_from(STORE_FORMAT)?]);
+    damage(&mut record);
+    overwrite_record(path, REPLICA_KEY, &record)?;
+    Ok(Replica::open(path).err().ok_or("a damaged store opened")?)
+}
+
+#[test]
+fn a_replica_record_of_another_format_is_refused_by_name() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("newer");
+    let err = open_with_damaged_replica_record(&path, |r| r[2] += 1)?;
+    match &err {
+        StoreError::Metadata(MetadataError::FormatVersion {
+            path: at,
+            found,
+            expected,
+        }) => assert_eq!(
+            (at.as_path(), *found, *expected),
+            (path.as_path(), STORE_FORMAT + 1, STORE_FORMAT)
+        ),
+        other => panic!("expected FormatVersion, got {other:?}"),
+    }
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
+
+    // A wrong kind byte, a wrong record format byte, a cut record: damaged, by name.
+    type Damage = fn(&mut Vec<u8>);
+    let cases: [(&str, Damage); 4] = [
+        ("kind", |r| r[0] = b'X'),
+        ("record format", |r| r[1] = 9),
+        ("cut", |r| r.truncate(5)),
+        ("trailing bytes", |r| r.push(0)),
+    ];
+    for (case, damage) in cases {
+        let path = dir.path().join(case);
+        let err = open_with_damaged_replica_record(&path, damage)?;
+        match &err {
+            StoreError::Metadata(MetadataError::Damaged { path: at, key, .. }) => {
+                assert_eq!(
+                    (at.as_path(), key.as_str()),
+                    (path.as_path(), "replica"),
+                    "{case}"
+                )
+            }
+            other => panic!("{case}: expected Damaged, got {other:?}"),
+        }
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{case}: {err}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_damaged_item_record_is_an_error_that_names_the_item() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("r");
+    {
+        let mut r = Replica::create(&path)?;
+        r.put(&id("x"), b"ex")?;
+        r.put(&id("y"), b"why")?;
+    }
+    let item_key = [0x10, b'x'];
+    let record = read_record(&path, &item_key)?;
+    // `[kind 'I', record format 1, creation replica (16 bytes), creation tick, ...]`.
+    assert_eq!((record[0], record[1], record[18]), (b'I', 1, 1));
+    let mut wrong_kind = record.clone();
+    wrong_kind[0] = b'K';
+    let mut wrong_format = record.clone();
+    wrong_format[1] = 9;
+    let mut tick_zero = record.clone();
+    tick_zero[18] = 0;
+    let mut trailing = record.clone();
+    trailing.push(0);
+    let cases = [
+        ("kind", wrong_kind),
+        ("record format", wrong_format),
+        ("tick zero", tick_zero),
+        ("trailing bytes", trailing),
+        ("cut", record[..10].to_vec()),
+        ("empty", Vec::new()),
+    ];
+    for (case, bytes) in cases {
+        overwrite_record(&path, &item_key, &bytes)?;
+        // Item records are read when asked for, so the replica opens; the damaged item
+        // is an error wherever it is read, and the other item is still there.
+        let r = Replica::open(&path)?;
+        let is_damaged_x = |e: &StoreError| {
+            matches!(e, StoreError::Metadata(MetadataError::Damaged { path: at, key, .. })
+                if at == &path && key.contains("\"x\""))
+        };
+        let err = r
+            .item_meta(&id("x"))
+            .err()
+            .ok_or(format!("{case}: read a damaged record"))?;
+        assert!(is_damaged_x(&err), "{case}: {err:?}");
+        assert!(err.to_string().contains("item \"x\""), "{case}: {err}");
+        let err = r
+            .get(&id("x"))
+            .err()
+            .ok_or(format!("{case}: got a damaged item"))?;
+        assert!(is_damaged_x(&err), "{case}: {err:?}");
+        let err = r
+            .items()
+            .err()
+            .ok_or(format!("{case}: listed a damaged item"))?;
+        assert!(is_damaged_x(&err), "{case}: {err:?}");
+        assert_eq!(r.get(&id("y"))?, Some(b"why".to_vec()), "{case}");
+    }
+    Ok(())
+}
+
+#[test]
+fn opening_a_folder_without_a_replica_creates_nothing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty)?;
+    let missing = dir.path().join("missing");
+    for path in [&empty, &missing] {
+        let err = Replica::open(path)
+            .err()
+            .ok_or("opened a replica that does not exist")?;
+        assert!(
+            matches!(&err, StoreError::Metadata(MetadataError::NotAReplica { path: at }) if at == path),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(&empty)?.count(),
+        0,
+        "open must not create sled files"
+    );
+    assert!(!missing.exists(), "open must not create the folder");
+    Ok(())
+}
+
+#[test]
+fn opening_a_replica_that_is_already_open_is_refused_not_awaited() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("r");
+    let mut first = Replica::create(&path)?;
+    first.put(&id("x"), b"ex")?;
+
+    // Opened on another thread with a generous watchdog: a hang fails the test instead
+    // of stalling the suite.
+    let (done, outcome) = mpsc::channel();
+    let second = path.clone();
+    std::thread::spawn(move || {
+        let _ = done.send(Replica::open(&second).map(drop));
+    });
+    let result = outcome
+        .recv_timeout(Duration::from_secs(60))
+        .map_err(|_| "opening a replica in use hung")?;
+    let err = result.err().ok_or("a replica in use opened twice")?;
+    assert!(
+        matches!(&err, StoreError::Metadata(MetadataError::InUse { path: at }) if at == &path),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("in use"), "{err}");
+    let err = Replica::create(&path)
+        .err()
+        .ok_or("created a replica over another")?;
+    assert!(matches!(err, StoreError::Metadata(_)), "{err:?}");
+
+    // The first handle is unharmed, and the replica opens once it is closed.
+    first.put(&id("y"), b"why")?;
+    let before = (first.id(), first.tick(), first.items()?);
+    drop(first);
+    let again = Replica::open(&path)?;
+    assert_eq!((again.id(), again.tick(), again.items()?), before);
+    Ok(())
+}
