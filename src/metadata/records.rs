@@ -50,6 +50,9 @@ struct RawItemMeta {
     version: RawVersion,
     timestamp: u64,
     deleted: bool,
+    /// Length of the item's data carried as the record's tail (built-in store), or
+    /// `None` when the data lives elsewhere or the item is a tombstone.
+    data_len: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -113,6 +116,18 @@ pub(crate) fn encode<T: Serialize>(kind: u8, raw: &T) -> Vec<u8> {
 
 /// Decodes a record, returning a human-readable reason on failure.
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(kind: u8, bytes: &[u8]) -> Result<T, String> {
+    let (raw, rest) = decode_prefix(kind, bytes)?;
+    if !rest.is_empty() {
+        return Err(format!("{} trailing bytes", rest.len()));
+    }
+    Ok(raw)
+}
+
+/// Decodes the head of a record and returns it with the bytes that follow it.
+fn decode_prefix<T: serde::de::DeserializeOwned>(
+    kind: u8,
+    bytes: &[u8],
+) -> Result<(T, &[u8]), String> {
     let body = match bytes {
         [k, v, body @ ..] if *k == kind && *v == RECORD_FORMAT => body,
         [k, v, ..] if *k == kind => {
@@ -125,33 +140,62 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(kind: u8, bytes: &[u8]) -> 
     };
     let (raw, used): (T, usize) =
         bincode::serde::decode_from_slice(body, config()).map_err(|e| e.to_string())?;
-    if used != body.len() {
-        return Err(format!("{} trailing bytes", body.len() - used));
-    }
-    Ok(raw)
+    Ok((raw, &body[used..]))
 }
 
 impl ItemMeta {
+    /// The item record without data.
     pub fn encode(&self) -> Vec<u8> {
-        encode(
+        self.encode_with_data(None)
+    }
+
+    /// The item record with the item's data as its tail (the built-in store keeps data
+    /// there, so an item costs one key and one read, not two).
+    pub fn encode_with_data(&self, data: Option<&[u8]>) -> Vec<u8> {
+        let mut out = encode(
             KIND_ITEM,
             &RawItemMeta {
                 creation: RawVersion::of(self.creation),
                 version: RawVersion::of(self.version),
                 timestamp: self.timestamp.0,
                 deleted: self.deleted,
+                data_len: data.map(|d| d.len() as u64),
             },
-        )
+        );
+        if let Some(data) = data {
+            out.extend_from_slice(data);
+        }
+        out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let raw: RawItemMeta = decode(KIND_ITEM, bytes)?;
-        Ok(Self {
+        Self::decode_with_data(bytes).map(|(meta, _)| meta)
+    }
+
+    /// Decodes an item record and returns its data tail, if it carries one.
+    pub fn decode_with_data(bytes: &[u8]) -> Result<(Self, Option<&[u8]>), String> {
+        let (raw, rest): (RawItemMeta, &[u8]) = decode_prefix(KIND_ITEM, bytes)?;
+        let data = match raw.data_len {
+            None if rest.is_empty() => None,
+            None => return Err(format!("{} trailing bytes", rest.len())),
+            Some(len) if len == rest.len() as u64 => Some(rest),
+            Some(len) => {
+                return Err(format!(
+                    "record announces {len} bytes of data and carries {}",
+                    rest.len()
+                ))
+            }
+        };
+        if raw.deleted && data.is_some() {
+            return Err("a tombstone carries data".into());
+        }
+        let meta = Self {
             creation: raw.creation.get()?,
             version: raw.version.get()?,
             timestamp: Hlc(raw.timestamp),
             deleted: raw.deleted,
-        })
+        };
+        Ok((meta, data))
     }
 }
 

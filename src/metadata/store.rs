@@ -1,3 +1,4 @@
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::records::{
@@ -18,7 +19,6 @@ const KEY_KNOWLEDGE: &[u8] = &[0x03];
 const KEY_FORGOTTEN: &[u8] = &[0x04];
 const PREFIX_ITEM: u8 = 0x10;
 const PREFIX_INDEX: u8 = 0x11;
-const PREFIX_DATA: u8 = 0x12;
 const PREFIX_CONFLICT: u8 = 0x13;
 const PREFIX_PEER: u8 = 0x14;
 
@@ -239,11 +239,29 @@ impl MetadataStore {
         }
     }
 
-    /// The data of an item of the built-in store.
+    /// An item's metadata and the data its record carries (built-in store), in one read.
+    pub fn item_record(
+        &self,
+        id: &ItemId,
+    ) -> Result<Option<(ItemMeta, Option<Vec<u8>>)>, MetadataError> {
+        let key = prefixed(PREFIX_ITEM, id.as_bytes());
+        match self.get(&key)? {
+            None => Ok(None),
+            Some(bytes) => ItemMeta::decode_with_data(&bytes)
+                .map(|(meta, data)| Some((meta, data.map(<[u8]>::to_vec))))
+                .map_err(|r| self.damaged(&key, r)),
+        }
+    }
+
+    /// The data of an item of the built-in store (the tail of its item record).
     pub fn data(&self, id: &ItemId) -> Result<Option<Vec<u8>>, MetadataError> {
-        Ok(self
-            .get(&prefixed(PREFIX_DATA, id.as_bytes()))?
-            .map(|v| v.to_vec()))
+        let key = prefixed(PREFIX_ITEM, id.as_bytes());
+        match self.get(&key)? {
+            None => Ok(None),
+            Some(bytes) => ItemMeta::decode_with_data(&bytes)
+                .map(|(_, data)| data.map(<[u8]>::to_vec))
+                .map_err(|r| self.damaged(&key, r)),
+        }
     }
 
     pub fn saved_conflict(&self, id: &ItemId) -> Result<Option<SavedConflict>, MetadataError> {
@@ -352,16 +370,18 @@ impl MetadataStore {
             let bytes = (key.len() + value.len()) as u64;
             match key.first() {
                 Some(&PREFIX_ITEM) => {
-                    let meta = ItemMeta::decode(&value).map_err(|r| self.damaged(&key, r))?;
+                    let (meta, data) =
+                        ItemMeta::decode_with_data(&value).map_err(|r| self.damaged(&key, r))?;
                     if meta.deleted {
                         s.tombstones += 1;
                     } else {
                         s.live_items += 1;
                     }
-                    s.metadata_bytes += bytes;
+                    let data_len = data.map_or(0, <[u8]>::len) as u64;
+                    s.metadata_bytes += bytes - data_len;
+                    s.data_bytes += data_len;
                 }
                 Some(&PREFIX_INDEX) => s.metadata_bytes += bytes,
-                Some(&PREFIX_DATA) => s.data_bytes += bytes,
                 Some(&PREFIX_CONFLICT) => s.saved_conflicts += 1,
                 _ => {}
             }
@@ -374,6 +394,7 @@ impl MetadataStore {
         Commit {
             replica: self.id,
             batch: sled::Batch::default(),
+            items: BTreeMap::new(),
             clock: self.clock,
             knowledge: None,
             forgotten: None,
@@ -387,11 +408,15 @@ impl MetadataStore {
         let Commit {
             replica,
             mut batch,
+            items,
             clock,
             knowledge,
             forgotten,
             new_id,
         } = commit;
+        for (id, pending) in items {
+            self.write_item_record(&mut batch, &id, pending)?;
+        }
         if clock != self.clock {
             batch.insert(KEY_CLOCK, encode(KIND_CLOCK, &clock));
         }
@@ -431,6 +456,44 @@ impl MetadataStore {
         Ok(())
     }
 
+    /// Turns one item's pending writes into one write of its record. A part the commit
+    /// keeps is read from the stored record.
+    fn write_item_record(
+        &self,
+        batch: &mut sled::Batch,
+        id: &ItemId,
+        pending: PendingItem,
+    ) -> Result<(), MetadataError> {
+        let key = prefixed(PREFIX_ITEM, id.as_bytes());
+        let stored = match (&pending.meta, &pending.data) {
+            (MetaWrite::Forget, _) => {
+                batch.remove(key);
+                return Ok(());
+            }
+            (MetaWrite::Put(_), DataWrite::Put(_) | DataWrite::Remove) => None,
+            _ => self.db.get(&key).map_err(|e| self.storage(e))?,
+        };
+        let stored = match &stored {
+            Some(bytes) => {
+                Some(ItemMeta::decode_with_data(bytes).map_err(|r| self.damaged(&key, r))?)
+            }
+            None => None,
+        };
+        let meta = match (pending.meta, &stored) {
+            (MetaWrite::Put(meta), _) => meta,
+            (_, Some((meta, _))) => *meta,
+            // Data for an item without metadata: nothing to attach it to.
+            (_, None) => return Ok(()),
+        };
+        let data = match &pending.data {
+            DataWrite::Put(data) => Some(data.as_slice()),
+            DataWrite::Remove => None,
+            DataWrite::Keep => stored.as_ref().and_then(|(_, data)| *data),
+        };
+        batch.insert(key, meta.encode_with_data(data));
+        Ok(())
+    }
+
     /// Blocks until every committed batch is on disk.
     pub fn flush(&mut self) -> Result<(), MetadataError> {
         self.check()?;
@@ -448,10 +511,39 @@ impl MetadataStore {
     }
 }
 
+/// What a commit does to an item record's metadata part.
+#[derive(Default)]
+enum MetaWrite {
+    /// Keep what is stored (the commit only changes the data).
+    #[default]
+    Keep,
+    Put(ItemMeta),
+    Forget,
+}
+
+/// What a commit does to an item record's data tail.
+#[derive(Default)]
+enum DataWrite {
+    #[default]
+    Keep,
+    Put(Vec<u8>),
+    Remove,
+}
+
+/// The writes a commit makes to one item record, merged into one sled write.
+#[derive(Default)]
+struct PendingItem {
+    meta: MetaWrite,
+    data: DataWrite,
+}
+
 /// The writes of one atomic commit.
 pub struct Commit {
     replica: ReplicaId,
     batch: sled::Batch,
+    /// Item records are written at commit time: metadata and data of one item are
+    /// one key, and either part may be set by a different call.
+    items: BTreeMap<ItemId, PendingItem>,
     clock: ClockRecord,
     knowledge: Option<Knowledge>,
     forgotten: Option<Knowledge>,
@@ -473,7 +565,9 @@ impl Commit {
         self.clock.hlc = self.clock.hlc.max(seen.0);
     }
 
-    /// Writes an item's metadata, moving its index entry from `old`'s version.
+    /// Writes an item's metadata, moving its index entry from `old`'s version. The
+    /// item's data (for the built-in store) stays as it is unless `put_data` or
+    /// `remove_data` says otherwise in the same commit.
     pub fn put_item(&mut self, id: &ItemId, meta: &ItemMeta, old: Option<&ItemMeta>) {
         if let Some(old) = old {
             if old.version != meta.version {
@@ -482,25 +576,28 @@ impl Commit {
         }
         self.batch
             .insert(&index_key(meta.version)[..], id.as_bytes());
-        self.batch
-            .insert(prefixed(PREFIX_ITEM, id.as_bytes()), meta.encode());
+        self.pending_item(id).meta = MetaWrite::Put(*meta);
     }
 
-    /// Removes every trace of an item: metadata, index entry, data, saved conflict.
+    /// Removes every trace of an item: metadata, data, index entry, saved conflict.
     pub fn forget_item(&mut self, id: &ItemId, old: &ItemMeta) {
         self.batch.remove(&index_key(old.version)[..]);
-        self.batch.remove(prefixed(PREFIX_ITEM, id.as_bytes()));
-        self.batch.remove(prefixed(PREFIX_DATA, id.as_bytes()));
         self.batch.remove(prefixed(PREFIX_CONFLICT, id.as_bytes()));
+        self.pending_item(id).meta = MetaWrite::Forget;
     }
 
+    /// Sets the data the built-in store keeps in the item record.
     pub fn put_data(&mut self, id: &ItemId, data: &[u8]) {
-        self.batch
-            .insert(prefixed(PREFIX_DATA, id.as_bytes()), data);
+        self.pending_item(id).data = DataWrite::Put(data.to_vec());
     }
 
+    /// Drops the data the built-in store keeps in the item record.
     pub fn remove_data(&mut self, id: &ItemId) {
-        self.batch.remove(prefixed(PREFIX_DATA, id.as_bytes()));
+        self.pending_item(id).data = DataWrite::Remove;
+    }
+
+    fn pending_item(&mut self, id: &ItemId) -> &mut PendingItem {
+        self.items.entry(id.clone()).or_default()
     }
 
     pub fn save_conflict(&mut self, conflict: &SavedConflict) {
@@ -616,7 +713,6 @@ fn describe_key(key: &[u8]) -> String {
     match key.first() {
         Some(&PREFIX_ITEM) => format!("item {:?}", show(&key[1..])),
         Some(&PREFIX_INDEX) => "change index entry".into(),
-        Some(&PREFIX_DATA) => format!("data of {:?}", show(&key[1..])),
         Some(&PREFIX_CONFLICT) => format!("saved conflict of {:?}", show(&key[1..])),
         Some(&PREFIX_PEER) => "peer epoch record".into(),
         _ => format!("{key:?}"),

@@ -8,6 +8,10 @@ use crate::sync::ItemStore;
 pub struct SledItems;
 
 impl ItemStore for SledItems {
+    fn data_in_record(&self) -> bool {
+        true
+    }
+
     fn read(&self, metadata: &MetadataStore, item: &ItemId) -> Result<Option<Vec<u8>>, String> {
         metadata.data(item).map_err(|e| e.to_string())
     }

@@ -48,17 +48,22 @@ impl Enumeration {
     }
 }
 
+/// The change to send for an item, or `None` when the store cannot give a live item's
+/// data now (changed underneath, or a read error): the item is then excluded from the
+/// batch, not learned, and sent next session. `record_data` is what the item record
+/// carries, used when the store keeps data there.
 fn item_change(
     items: &dyn ItemStore,
     metadata: &MetadataStore,
     id: &ItemId,
     meta: &ItemMeta,
+    record_data: Option<Vec<u8>>,
 ) -> Option<ItemChange> {
     let data = if meta.deleted {
         None
+    } else if items.data_in_record() {
+        Some(record_data?)
     } else {
-        // A live item whose data the store cannot give now (changed underneath, or a
-        // read error) is excluded from this batch: not learned, sent next session.
         Some(items.read(metadata, id).ok().flatten()?)
     };
     Some(ItemChange {
@@ -99,13 +104,13 @@ pub fn change_batch(
     {
         let id = &candidates[next];
         next += 1;
-        let Some(meta) = metadata.item(id)? else {
+        let Some((meta, record_data)) = metadata.item_record(id)? else {
             continue;
         };
         if known.contains(id, meta.version) {
             continue;
         }
-        match item_change(items, metadata, id, &meta) {
+        match item_change(items, metadata, id, &meta, record_data) {
             Some(change) => {
                 bytes += change_bytes(&change);
                 changes.push(change);
@@ -145,7 +150,12 @@ fn full_enumeration_batch(
         if known.contains(&id, meta.version) {
             present.push(id.clone());
         } else {
-            match item_change(items, metadata, &id, &meta) {
+            let record_data = if items.data_in_record() {
+                metadata.data(&id)?
+            } else {
+                None
+            };
+            match item_change(items, metadata, &id, &meta, record_data) {
                 Some(change) => {
                     bytes += change_bytes(&change);
                     changes.push(change);

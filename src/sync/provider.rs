@@ -165,6 +165,11 @@ impl<T: ChangeSource + ChangeDestination> Peer for T {}
 /// Where a replica's item data lives. The applier stages writes through it, so data
 /// and metadata commit together for stores that live in the metadata store's sled tree.
 pub trait ItemStore: Send {
+    /// True when the store keeps each item's data in its metadata record (the built-in
+    /// store): the source then reads metadata and data with one lookup.
+    fn data_in_record(&self) -> bool {
+        false
+    }
     /// The current data of an item, `None` if the store holds none.
     fn read(&self, metadata: &MetadataStore, item: &ItemId) -> Result<Option<Vec<u8>>, String>;
     /// Writes an item's new data (`None`: delete it) as part of `commit`. An error fails
