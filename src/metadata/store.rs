@@ -37,6 +37,10 @@ fn index_key(v: Version) -> [u8; 25] {
     key
 }
 
+/// An item's metadata with the data its record carries (`None`: a tombstone, or a
+/// store that keeps data elsewhere).
+pub type ItemRecord = (ItemMeta, Option<Vec<u8>>);
+
 /// Counts for `knit status`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StoreSummary {
@@ -240,10 +244,7 @@ impl MetadataStore {
     }
 
     /// An item's metadata and the data its record carries (built-in store), in one read.
-    pub fn item_record(
-        &self,
-        id: &ItemId,
-    ) -> Result<Option<(ItemMeta, Option<Vec<u8>>)>, MetadataError> {
+    pub fn item_record(&self, id: &ItemId) -> Result<Option<ItemRecord>, MetadataError> {
         let key = prefixed(PREFIX_ITEM, id.as_bytes());
         match self.get(&key)? {
             None => Ok(None),
