@@ -1089,12 +1089,19 @@ fn s22_recovery_concurrent_edit_survives() -> TestResult {
     assert!(s.full_enumeration);
     assert_eq!(s.forgotten_removed, 0);
     assert_eq!(s.conflicts.total(), 0);
+    // C keeps X with its edit ("edit beats forgotten delete"). It is about to learn
+    // A's knowledge of X, which holds the versions A's forgotten delete superseded:
+    // those are concurrent with C7, so C re-stamps X as a fresh C version made with
+    // knowledge of both. Replicas holding them (or B's tombstone) then take the edit as a
+    // plain update instead of settling edit-vs-delete by their own policies.
     let at_c = meta(&mut net, "C", "X");
-    assert_eq!(
-        (at_c.version, at_c.deleted),
-        (c7, false),
-        "full enumeration keeps X at C"
-    );
+    assert!(!at_c.deleted, "full enumeration keeps X at C");
+    assert_fresh(at_c.version, c7.replica, c7);
+    assert!(net.r("C").knowledge().contains(&id("X"), c7));
+    assert!(net
+        .r("C")
+        .knowledge()
+        .contains_knowledge(net.r("A").forgotten()));
     assert_eq!(net.get("C", "X").as_deref(), Some("edited at C"));
 
     assert!(net.r("A").item_meta(&id("X"))?.is_none());
@@ -1103,14 +1110,15 @@ fn s22_recovery_concurrent_edit_survives() -> TestResult {
     assert!(rec.conflicts.is_empty());
     assert_eq!(
         meta(&mut net, "A", "X").version,
-        c7,
+        at_c.version,
         "A recreates X (Create)"
     );
     assert_eq!(net.get("A", "X").as_deref(), Some("edited at C"));
     assert_eq!(net.items("A"), net.items("C"));
 
-    // B, which holds the tombstone, converges on the edit as well.
-    net.sync_with("A", "B", &full(), &mut NoObserver)?;
+    // B, which holds the tombstone, takes the edit as a plain update: no conflict.
+    let (to_b, rec) = sync_rec(&mut net, "A", "B", ConflictPolicy::DestinationWins)?;
+    assert_eq!(to_b.conflicts.total(), 0, "{:?}", rec.log());
     assert_eq!(net.items("B"), net.items("A"));
     assert!(net.sync("A", "C").is_empty());
     Ok(())

@@ -3,7 +3,9 @@ use std::sync::Arc;
 
 use super::{SledItems, StoreError};
 use crate::metadata::{ItemMeta, MetadataStore, SavedConflict, StoreSummary};
-use crate::model::{ClockVector, ItemId, Knowledge, ReplicaId, Version, MAX_ITEM_DATA_LEN};
+use crate::model::{
+    ClockVector, IdRange, ItemId, Knowledge, ReplicaId, Version, MAX_ITEM_DATA_LEN,
+};
 use crate::sync::{
     self, BatchOutcome, BatchRequest, ChangeDestination, ChangeSource, Clock, ConflictPolicy,
     Enumeration, ItemStore, PeerInfo, SessionOptions, SyncError, SyncObserver, SyncProvider,
@@ -230,29 +232,37 @@ impl Replica {
         })
     }
 
-    /// Removes tombstones older than `older_than_ms` and records their versions in
-    /// forgotten knowledge. A peer that has not seen those deletes will need a full
-    /// enumeration (or will refuse, by policy) at its next sync from this replica.
+    /// Removes tombstones older than `older_than_ms` and records each one's delete
+    /// version, item by item, in forgotten knowledge. A peer that has not seen those
+    /// deletes needs a full enumeration (or refuses, by policy) at its next sync from
+    /// this replica.
+    ///
+    /// Forgotten knowledge is kept per item rather than as one coarse vector: a create
+    /// that arrives later for a cleaned-up item must be told apart from a create of an
+    /// unrelated item, and only an edit concurrent with the forgotten delete of *that*
+    /// item may be revived as a fresh version (see `Classification::Revive`).
     pub fn collect_garbage(&mut self, older_than_ms: u64) -> Result<GcReport, StoreError> {
         let cutoff = self.clock.now_ms().saturating_sub(older_than_ms);
         let mut commit = self.metadata.begin();
-        let mut forgotten_ticks = ClockVector::new();
-        let mut report = GcReport::default();
+        let mut forgotten_items = Vec::new();
         for entry in self.metadata.items_from(b"") {
             let (id, meta) = entry?;
             if meta.deleted && meta.timestamp.physical_ms() <= cutoff {
-                forgotten_ticks.raise(meta.version.replica, meta.version.tick);
                 commit.forget_item(&id, &meta);
-                report.tombstones_removed += 1;
+                forgotten_items.push((
+                    IdRange::single(&id),
+                    ClockVector::from_pairs([(meta.version.replica, meta.version.tick)]),
+                ));
             }
         }
-        if report.tombstones_removed == 0 {
+        let report = GcReport {
+            tombstones_removed: forgotten_items.len() as u64,
+        };
+        if forgotten_items.is_empty() {
             return Ok(report);
         }
-        // Only what this replica knows may be called forgotten (K ⊇ F): a coarse vector
-        // alone would claim versions an interrupted sync never delivered.
-        let known = self.metadata.knowledge();
-        let newly = known.intersect(&Knowledge::from_vector(forgotten_ticks));
+        // Items come in id order, so the single-item ranges are sorted and disjoint.
+        let newly = Knowledge::from_parts(ClockVector::new(), forgotten_items)?;
         commit.set_forgotten(self.metadata.forgotten().combine(&newly));
         self.metadata.commit(commit)?;
         self.metadata.flush()?;

@@ -18,8 +18,16 @@ use super::{
 pub enum Classification {
     /// The destination already knows this version: skip it.
     Obsolete,
-    /// The destination has never heard of the item.
+    /// The destination holds nothing for the item and has forgotten no delete of it
+    /// that the source did not know.
     Create,
+    /// The destination holds nothing for the item because it cleaned up a delete of it
+    /// that this update's source did not know: an edit concurrent with a forgotten
+    /// delete. The edit wins ("edit beats forgotten delete") and is stored as a fresh
+    /// destination version made with knowledge of both, so that replicas which hold
+    /// the tombstone, or an older version it superseded, take it as a plain update
+    /// instead of settling the conflict their own way.
+    Revive,
     /// The source saw the destination's version: a plain update (or delete).
     Update,
     /// Neither saw the other's version.
@@ -27,17 +35,24 @@ pub enum Classification {
 }
 
 /// Classifies `change` (made with `made_with`) against the destination's `local`
-/// metadata and knowledge.
+/// metadata, knowledge and forgotten knowledge (which names, item by item, the deletes
+/// whose tombstones were cleaned up).
 pub fn classify(
     change: &ItemChange,
     local: Option<&ItemMeta>,
     destination_knowledge: &Knowledge,
+    destination_forgotten: &Knowledge,
     made_with: &Knowledge,
 ) -> Classification {
+    let item = change.item.as_bytes();
     if destination_knowledge.contains(&change.item, change.version) {
         return Classification::Obsolete;
     }
     let Some(local) = local else {
+        let forgotten = destination_forgotten.vector_for(item);
+        if !change.is_delete() && !made_with.vector_for(item).dominates(forgotten) {
+            return Classification::Revive;
+        }
         return Classification::Create;
     };
     if made_with.contains(&change.item, local.version) {
@@ -75,14 +90,21 @@ fn decide(
     local: &ItemMeta,
     remote: &ItemChange,
 ) -> Result<(Action, ConflictOutcome), SyncError> {
+    // The last-writer rule may keep a live winner as it is: every replica picks the
+    // same one. A winning tombstone is re-stamped instead: a replica that has cleaned up
+    // that tombstone "knows" it without holding it, and may have taken the losing edit
+    // as a create ("edit beats forgotten delete"); only a version it does not know yet
+    // can bring it the decision.
     let lww = || {
-        if last_writer_wins(
+        let source_won = last_writer_wins(
             (local.timestamp, local.version),
             (remote.timestamp, remote.version),
-        ) {
-            (Action::Verbatim, ConflictOutcome::SourceWon)
-        } else {
-            (Action::Keep, ConflictOutcome::DestinationWon)
+        );
+        match (source_won, remote.is_delete(), local.deleted) {
+            (true, true, _) => (Action::Fresh(None), ConflictOutcome::SourceWon),
+            (true, false, _) => (Action::Verbatim, ConflictOutcome::SourceWon),
+            (false, _, true) => (Action::Restamp, ConflictOutcome::DestinationWon),
+            (false, _, false) => (Action::Keep, ConflictOutcome::DestinationWon),
         }
     };
     if kind == ConflictKind::DeleteDelete {
@@ -131,7 +153,13 @@ pub fn apply_batch(
     for change in batch.changes() {
         let item = &change.item;
         let local = metadata.item(item)?;
-        let classification = classify(change, local.as_ref(), &known, batch.made_with());
+        let classification = classify(
+            change,
+            local.as_ref(),
+            &known,
+            metadata.forgotten(),
+            batch.made_with(),
+        );
         let (action, local) = match (classification, local) {
             (Classification::Obsolete, _) => {
                 outcome.skipped += 1;
@@ -140,6 +168,7 @@ pub fn apply_batch(
             (Classification::Create, local) | (Classification::Update, local) => {
                 (Action::Verbatim, local)
             }
+            (Classification::Revive, local) => (Action::Fresh(change.data.clone()), local),
             (Classification::Conflict(kind), Some(local)) => {
                 let ask = || {
                     let local_data = if local.deleted {
@@ -242,15 +271,15 @@ pub fn apply_batch(
     }
 
     if let BatchMode::FullEnumeration { forgotten } = batch.mode() {
-        remove_forgotten(
-            metadata,
-            items,
-            &mut commit,
-            &batch,
+        Recovery {
+            commit: &mut commit,
+            known: &known,
             forgotten,
-            &mut failed,
-            &mut outcome,
-        )?;
+            now_ms,
+            failed: &mut failed,
+            outcome: &mut outcome,
+        }
+        .settle_unnamed_items(metadata, items, &batch)?;
         let mut newly_forgotten = Knowledge::new();
         for group in batch.groups() {
             newly_forgotten = newly_forgotten.combine(&forgotten.project(group.range()));
@@ -285,42 +314,76 @@ fn stage(
     Ok(())
 }
 
-/// Full enumeration: every item the destination holds in a group's range that the
-/// source did not name, and whose version the source has forgotten, was deleted at the
-/// source and its tombstone cleaned up. Remove it entirely.
-fn remove_forgotten(
-    metadata: &MetadataStore,
-    items: &mut dyn ItemStore,
-    commit: &mut Commit,
-    batch: &ChangeBatch,
-    forgotten: &Knowledge,
-    failed: &mut Vec<ItemId>,
-    outcome: &mut BatchOutcome,
-) -> Result<(), SyncError> {
-    for group in batch.groups() {
-        let range = group.range();
-        for entry in metadata.items_from(range.start()) {
-            let (id, meta) = entry?;
-            if !range.contains(id.as_bytes()) {
-                break;
-            }
-            // An item the source could not read this time (excluded) is still held there.
-            let named = group.names(&id) || batch.excluded().contains(&id);
-            if named || !forgotten.contains(&id, meta.version) {
-                continue;
-            }
-            if !meta.deleted {
-                if let Err(_reason) = items.stage(commit, &id, None) {
-                    failed.push(id);
-                    outcome.failed += 1;
+/// The destination side of a full enumeration.
+struct Recovery<'a> {
+    commit: &'a mut Commit,
+    /// The destination's knowledge before the batch.
+    known: &'a Knowledge,
+    /// The source's forgotten knowledge: item by item, the deletes it cleaned up.
+    forgotten: &'a Knowledge,
+    now_ms: u64,
+    failed: &'a mut Vec<ItemId>,
+    outcome: &'a mut BatchOutcome,
+}
+
+impl Recovery<'_> {
+    /// Settles every item the destination holds in a group's range that the source did
+    /// not name:
+    /// - Its version is in the source's knowledge: it was deleted at the source and the
+    ///   tombstone cleaned up (by the soundness invariant, a replica that knows a
+    ///   version and holds nothing of the item has forgotten it). Remove it entirely.
+    ///   Forgotten knowledge alone cannot decide this: it records the cleaned-up
+    ///   deletes, not the earlier versions of the item they superseded.
+    /// - Otherwise it is an edit the source never saw, and it stays ("edit beats
+    ///   forgotten delete"). If the source forgot a delete of this very item that the
+    ///   destination did not know, the destination is about to learn the versions that
+    ///   delete superseded, which are concurrent with its own: it re-stamps the item as
+    ///   a fresh version made with knowledge of both, so that replicas holding those
+    ///   versions or the tombstone take the edit as a plain update.
+    fn settle_unnamed_items(
+        &mut self,
+        metadata: &MetadataStore,
+        items: &mut dyn ItemStore,
+        batch: &ChangeBatch,
+    ) -> Result<(), SyncError> {
+        for group in batch.groups() {
+            let range = group.range();
+            for entry in metadata.items_from(range.start()) {
+                let (id, meta) = entry?;
+                if !range.contains(id.as_bytes()) {
+                    break;
+                }
+                // An item the source could not read this time (excluded) is still held there.
+                if group.names(&id) || batch.excluded().contains(&id) {
                     continue;
                 }
-                outcome.forgotten_removed += 1;
+                if batch.made_with().contains(&id, meta.version) {
+                    if !meta.deleted {
+                        if let Err(_reason) = items.stage(self.commit, &id, None) {
+                            self.failed.push(id);
+                            self.outcome.failed += 1;
+                            continue;
+                        }
+                        self.outcome.forgotten_removed += 1;
+                    }
+                    self.commit.forget_item(&id, &meta);
+                } else if !self
+                    .known
+                    .vector_for(id.as_bytes())
+                    .dominates(self.forgotten.vector_for(id.as_bytes()))
+                {
+                    let (version, timestamp) = self.commit.next_version(self.now_ms);
+                    let restamped = ItemMeta {
+                        version,
+                        timestamp,
+                        ..meta
+                    };
+                    self.commit.put_item(&id, &restamped, Some(&meta));
+                }
             }
-            commit.forget_item(&id, &meta);
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// A saved conflict whose remote version the destination has since learned (a later
