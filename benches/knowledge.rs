@@ -3,8 +3,8 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use knit::{
-    decode_batch, encode_batch, BatchMode, ChangeBatch, ChangeGroup, ChangeKind, ClockVector,
-    Hlc, IdRange, ItemChange, ItemId, Knowledge, ReplicaId, Version,
+    decode_batch, encode_batch, BatchMode, ChangeBatch, ChangeGroup, ChangeKind, ClockVector, Hlc,
+    IdRange, ItemChange, ItemId, Knowledge, ReplicaId, Version,
 };
 
 fn item(i: usize) -> ItemId {
@@ -35,9 +35,11 @@ fn bench_knowledge(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("combine", exceptions), &k, |b, k| {
             b.iter(|| black_box(k).combine(black_box(&other)))
         });
-        group.bench_with_input(BenchmarkId::new("contains_knowledge", exceptions), &k, |b, k| {
-            b.iter(|| black_box(k).contains_knowledge(black_box(&other)))
-        });
+        group.bench_with_input(
+            BenchmarkId::new("contains_knowledge", exceptions),
+            &k,
+            |b, k| b.iter(|| black_box(k).contains_knowledge(black_box(&other))),
+        );
     }
     group.finish();
 }
@@ -59,14 +61,23 @@ fn batch(changes: usize) -> ChangeBatch {
         })
         .collect();
     let group = ChangeGroup::new(IdRange::all(), changes, Vec::new()).expect("sorted");
-    ChangeBatch::new(source, made_with, vec![group], Vec::new(), BatchMode::Normal, true)
-        .expect("valid batch")
+    ChangeBatch::new(
+        source,
+        made_with,
+        vec![group],
+        Vec::new(),
+        BatchMode::Normal,
+        true,
+    )
+    .expect("valid batch")
 }
 
 fn bench_codec(c: &mut Criterion) {
     let b1000 = batch(1000);
     let bytes = encode_batch(&b1000);
-    c.bench_function("batch/encode_1000", |b| b.iter(|| encode_batch(black_box(&b1000))));
+    c.bench_function("batch/encode_1000", |b| {
+        b.iter(|| encode_batch(black_box(&b1000)))
+    });
     c.bench_function("batch/decode_1000", |b| {
         b.iter(|| decode_batch(black_box(&bytes)).expect("valid"))
     });
