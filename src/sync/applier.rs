@@ -203,23 +203,18 @@ pub fn apply_batch(
             (Classification::Conflict(_), None) => unreachable!("a conflict needs local metadata"),
         };
 
-        let written = match action {
-            Action::Verbatim => {
-                let meta = ItemMeta {
+        // The item's new metadata, and its new data (`Some(None)`: deleted; `None`:
+        // unchanged, only the version moves), or the reason the change fails.
+        let (meta, data): (ItemMeta, Option<Option<&[u8]>>) = match &action {
+            Action::Verbatim => (
+                ItemMeta {
                     creation: change.creation,
                     version: change.version,
                     timestamp: change.timestamp,
                     deleted: change.is_delete(),
-                };
-                stage(
-                    &mut commit,
-                    items,
-                    item,
-                    &meta,
-                    local.as_ref(),
-                    Some(change.data.as_deref()),
-                )
-            }
+                },
+                Some(change.data.as_deref()),
+            ),
             Action::Fresh(data) => {
                 let (version, timestamp) = commit.next_version(now_ms);
                 let meta = ItemMeta {
@@ -228,38 +223,40 @@ pub fn apply_batch(
                     timestamp,
                     deleted: data.is_none(),
                 };
-                stage(
-                    &mut commit,
-                    items,
-                    item,
-                    &meta,
-                    local.as_ref(),
-                    Some(data.as_deref()),
-                )
+                (meta, Some(data.as_deref()))
             }
             Action::Restamp => {
-                let local = local
-                    .as_ref()
-                    .expect("restamp follows a conflict, which has local metadata");
+                let local = local.expect("restamp follows a conflict, which has local metadata");
                 let (version, timestamp) = commit.next_version(now_ms);
                 let meta = ItemMeta {
                     version,
                     timestamp,
-                    ..*local
+                    ..local
                 };
-                stage(&mut commit, items, item, &meta, Some(local), None)
+                (meta, None)
             }
-            Action::Keep => Ok(()),
-            Action::Save => {
-                commit.save_conflict(&SavedConflict {
-                    source,
-                    remote: change.clone(),
-                    made_with: batch.made_with().project(&IdRange::single(item)),
-                });
-                Err("conflict saved for later resolution".to_string())
+            Action::Keep => {
+                outcome.applied += 1;
+                continue;
             }
-            Action::Skip => Err("conflict skipped by the application".to_string()),
+            Action::Save | Action::Skip => {
+                let reason = if matches!(action, Action::Save) {
+                    commit.save_conflict(&SavedConflict {
+                        source,
+                        remote: change.clone(),
+                        made_with: batch.made_with().project(&IdRange::single(item)),
+                    });
+                    "conflict saved for later resolution"
+                } else {
+                    "conflict skipped by the application"
+                };
+                observer.item_failed(item, reason);
+                outcome.failed += 1;
+                failed.push(item.clone());
+                continue;
+            }
         };
+        let written = stage(&mut commit, items, item, &meta, local.as_ref(), data);
         match written {
             Ok(()) => outcome.applied += 1,
             Err(reason) => {
