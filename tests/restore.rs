@@ -516,3 +516,28 @@ fn restored_copy_that_catches_up_to_the_lost_tick_is_still_refused() -> TestResu
     assert_eq!(r2.version.replica, new_id);
     Ok(())
 }
+
+#[test]
+fn a_copied_folder_used_as_a_second_replica_is_refused_until_rekeyed() -> TestResult {
+    // Copying a replica folder to start a new replica is an easy mistake: both copies
+    // carry one id and would hand out the same ticks. A sync between them is refused
+    // with the way out; after rekey the copy is a replica of its own.
+    let mut net = Net::new(&["A"]);
+    net.put("A", "x", "ex");
+    let copy = net.path("A copy");
+    backup(&mut net, "A", &copy)?;
+    net.reopen("A copy");
+    net.put("A copy", "y", "why");
+
+    let err = sync_both(&mut net, "A copy", "A").expect_err("one id, two folders");
+    assert!(matches!(err, SyncError::SameReplica { .. }), "{err:?}");
+    assert!(err.to_string().contains("knit rekey"), "{err}");
+    assert_eq!(net.items("A"), [("x".to_string(), "ex".to_string())]);
+
+    let new_id = net.r("A copy").rekey()?;
+    assert_ne!(new_id, net.r("A").id());
+    sync_both(&mut net, "A copy", "A")?;
+    assert_eq!(net.items("A"), net.items("A copy"));
+    assert_eq!(net.get("A", "y").as_deref(), Some("why"));
+    Ok(())
+}

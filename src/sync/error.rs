@@ -30,7 +30,10 @@ pub enum SyncError {
     },
     #[error("replica {replica} is already taking part in a sync session")]
     ReplicaBusy { replica: ReplicaId },
-    #[error("replica {replica} cannot sync with itself")]
+    #[error(
+        "replica {replica} cannot sync with itself (if one folder is a copy of the other, \
+         run `knit rekey` on the copy to make it a replica of its own)"
+    )]
     SameReplica { replica: ReplicaId },
     #[error("invalid session options: {0}")]
     InvalidOptions(String),
