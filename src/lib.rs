@@ -10,6 +10,7 @@
 mod cli;
 mod metadata;
 mod model;
+mod schema;
 mod stores;
 mod sync;
 
@@ -24,7 +25,16 @@ pub use model::{
     ReplicaId, Version, MAX_BATCH_BYTES, MAX_CHANGES_PER_BATCH, MAX_EXCEPTIONS, MAX_ITEM_DATA_LEN,
     MAX_ITEM_ID_LEN, MAX_REPLICAS_PER_VECTOR,
 };
-pub use stores::{GcReport, Replica, ReplicaStatus, SledItems, StoreError, Take};
+pub use schema::{
+    automap, validate, AutoMap, ConflictRule, Endpoint, Filter, FilterValue, Mapping, OnMissing,
+    Operator, RunStatus, SchemaError, SchemaSet, SyncDirection, SyncSchema, SyncType, Transform,
+    TransformError,
+};
+pub use stores::{
+    CsvSource, Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, GcReport,
+    JsonlSource, Replica, ReplicaStatus, Row, RowOutcome, SledItems, SqliteSource, StoreError,
+    Take, Value,
+};
 pub use sync::{
     apply_batch, change_batch, classify, last_writer_wins, resolve_saved_conflict, run_session,
     synchronize, BatchOutcome, BatchRequest, CancelToken, ChangeDestination, ChangeSource,

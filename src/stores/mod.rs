@@ -1,5 +1,7 @@
-//! Item stores and replicas. A [`Replica`] is a metadata store plus an item store; it
-//! implements both provider roles, so the orchestrator syncs any two replicas.
+//! Item stores, datasources and replicas. A [`Replica`] is a metadata store plus an item
+//! store; it implements both provider roles, so the orchestrator syncs any two replicas.
+//! Datasources (CSV, JSON Lines, SQLite) are the row stores that schema-driven sync keeps
+//! in step; their contract is in `datasource.rs`.
 //!
 //! Invariants:
 //! - Every local change takes a fresh tick in the same commit as its data and metadata.
@@ -9,10 +11,20 @@
 //!   versions the replica knows.
 //! - A session ends with a flush, so a sync reported complete is on disk.
 
+mod csv_source;
+mod datasource;
 mod error;
+mod jsonl_source;
 mod replica;
 mod sled_items;
+mod sqlite_source;
 
+pub use csv_source::CsvSource;
+pub use datasource::{
+    Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, Row, RowOutcome, Value,
+};
 pub use error::StoreError;
+pub use jsonl_source::JsonlSource;
 pub use replica::{GcReport, Replica, ReplicaStatus, Take};
 pub use sled_items::SledItems;
+pub use sqlite_source::SqliteSource;

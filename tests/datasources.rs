@@ -1,0 +1,868 @@
+//! The datasource contract (src/stores/datasource.rs), checked once for every store: the
+//! same test runs against CSV, JSON Lines and SQLite, each seeded with the same tiny
+//! data in its own native format (written by hand, not by the store under test), so a
+//! store's reader is checked against files it did not write.
+//!
+//! Entities of every fixture:
+//! - `people`, key `id`: (1, Ada, 36), (2, Alan, 41), (3, Grace, no age).
+//! - `visits`, key `(person_id, day)`: (1, mon, first), (1, tue, second), (2, mon, third).
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::TestResult;
+use knit::{
+    CsvSource, Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, JsonlSource, Row,
+    RowOutcome, SqliteSource, Value,
+};
+use tempfile::TempDir;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Csv,
+    Jsonl,
+    Sqlite,
+}
+
+/// A seeded store and the folder that holds it.
+struct Fixture {
+    kind: Kind,
+    dir: TempDir,
+    store: Box<dyn Datasource>,
+}
+
+const NAME: &str = "src";
+
+fn seed_files(dir: &Path, kind: Kind) -> std::io::Result<()> {
+    match kind {
+        Kind::Csv => {
+            fs::write(
+                dir.join("people.csv"),
+                "id,name,age\n1,Ada,36\n2,Alan,41\n3,Grace,\n",
+            )?;
+            fs::write(
+                dir.join("visits.csv"),
+                "person_id,day,note\n1,mon,first\n1,tue,second\n2,mon,third\n",
+            )
+        }
+        Kind::Jsonl => {
+            // Grace's line lacks `age` altogether: absent reads as null.
+            fs::write(
+                dir.join("people.jsonl"),
+                concat!(
+                    "{\"id\":1,\"name\":\"Ada\",\"age\":36}\n",
+                    "{\"id\":2,\"name\":\"Alan\",\"age\":41}\n",
+                    "{\"id\":3,\"name\":\"Grace\"}\n",
+                ),
+            )?;
+            fs::write(
+                dir.join("visits.jsonl"),
+                concat!(
+                    "{\"person_id\":1,\"day\":\"mon\",\"note\":\"first\"}\n",
+                    "{\"person_id\":1,\"day\":\"tue\",\"note\":\"second\"}\n",
+                    "{\"person_id\":2,\"day\":\"mon\",\"note\":\"third\"}\n",
+                ),
+            )
+        }
+        Kind::Sqlite => unreachable!("SQLite is seeded through SQL"),
+    }
+}
+
+fn seed_sqlite(path: &Path) -> rusqlite::Result<()> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.execute_batch(
+        "CREATE TABLE people (
+             id INTEGER PRIMARY KEY,
+             name TEXT NOT NULL,
+             age INTEGER CHECK (age >= 0)
+         );
+         CREATE TABLE visits (
+             person_id INTEGER NOT NULL,
+             day TEXT NOT NULL,
+             note TEXT,
+             PRIMARY KEY (person_id, day)
+         );
+         INSERT INTO people VALUES (1, 'Ada', 36), (2, 'Alan', 41), (3, 'Grace', NULL);
+         INSERT INTO visits VALUES (1, 'mon', 'first'), (1, 'tue', 'second'), (2, 'mon', 'third');",
+    )
+}
+
+fn fixture(kind: Kind) -> Result<Fixture, Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let store: Box<dyn Datasource> = match kind {
+        Kind::Csv => {
+            seed_files(dir.path(), kind)?;
+            Box::new(CsvSource::open(NAME, dir.path())?)
+        }
+        Kind::Jsonl => {
+            seed_files(dir.path(), kind)?;
+            Box::new(JsonlSource::open(NAME, dir.path())?)
+        }
+        Kind::Sqlite => {
+            let path = dir.path().join("db.sqlite");
+            seed_sqlite(&path)?;
+            Box::new(SqliteSource::open(NAME, &path)?)
+        }
+    };
+    Ok(Fixture { kind, dir, store })
+}
+
+impl Fixture {
+    /// What this store reads back for a value written or seeded: CSV holds text only.
+    fn stored(&self, value: Value) -> Value {
+        match (self.kind, value) {
+            (Kind::Csv, Value::Null) => Value::Null,
+            (Kind::Csv, value) => Value::Text(value.to_text()),
+            (_, value) => value,
+        }
+    }
+
+    fn row(&self, fields: &[(&str, Value)]) -> Row {
+        fields
+            .iter()
+            .map(|(f, v)| (f.to_string(), self.stored(v.clone())))
+            .collect()
+    }
+
+    fn person(&self, id: i64, name: &str, age: Option<i64>) -> Row {
+        self.row(&[
+            ("id", Value::Int(id)),
+            ("name", text(name)),
+            ("age", age.map_or(Value::Null, Value::Int)),
+        ])
+    }
+
+    fn visit(&self, person_id: i64, day: &str, note: &str) -> Row {
+        self.row(&[
+            ("person_id", Value::Int(person_id)),
+            ("day", text(day)),
+            ("note", text(note)),
+        ])
+    }
+
+    /// Every row of `entity`, sorted by key so that stores may scan in any order.
+    fn rows(&mut self, entity: &str) -> Result<Vec<Row>, DatasourceError> {
+        let mut rows = self.rows_in_scan_order(entity)?;
+        rows.sort_by_key(|r| {
+            ["id", "person_id", "day"]
+                .iter()
+                .filter_map(|f| r.get(*f).map(Value::to_string))
+                .collect::<Vec<_>>()
+        });
+        Ok(rows)
+    }
+
+    fn rows_in_scan_order(&mut self, entity: &str) -> Result<Vec<Row>, DatasourceError> {
+        let mut rows = Vec::new();
+        self.store.scan(entity, &mut |row| {
+            rows.push(row);
+            Ok(())
+        })?;
+        Ok(rows)
+    }
+
+    fn upsert(
+        &mut self,
+        entity: &str,
+        key: &[&str],
+        rows: &[Row],
+    ) -> Result<Vec<RowOutcome>, DatasourceError> {
+        self.store.upsert(entity, &keys(key), rows)
+    }
+
+    fn delete(
+        &mut self,
+        entity: &str,
+        key: &[&str],
+        rows: &[Row],
+    ) -> Result<Vec<RowOutcome>, DatasourceError> {
+        self.store.delete(entity, &keys(key), rows)
+    }
+
+    fn file(&self, entity: &str) -> std::path::PathBuf {
+        let extension = if self.kind == Kind::Csv {
+            "csv"
+        } else {
+            "jsonl"
+        };
+        self.dir.path().join(format!("{entity}.{extension}"))
+    }
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.to_string())
+}
+
+fn keys(key: &[&str]) -> Vec<String> {
+    key.iter().map(|k| k.to_string()).collect()
+}
+
+fn written(n: usize) -> Vec<RowOutcome> {
+    vec![RowOutcome::Written; n]
+}
+
+fn refused_reason(outcome: &RowOutcome) -> Option<&str> {
+    match outcome {
+        RowOutcome::Refused { reason } => Some(reason),
+        RowOutcome::Written => None,
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// The contract, for every store.
+// ----------------------------------------------------------------------------------------
+
+fn entities_lists_every_entity(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    assert_eq!(fx.store.entities()?, ["people", "visits"]);
+    assert_eq!(fx.store.name(), NAME);
+    Ok(())
+}
+
+fn scan_returns_every_row_once_with_all_fields(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    let expected = vec![
+        fx.person(1, "Ada", Some(36)),
+        fx.person(2, "Alan", Some(41)),
+        // Grace has no age: the field is still there, as Null.
+        fx.person(3, "Grace", None),
+    ];
+    assert_eq!(fx.rows("people")?, expected);
+    let visits = vec![
+        fx.visit(1, "mon", "first"),
+        fx.visit(1, "tue", "second"),
+        fx.visit(2, "mon", "third"),
+    ];
+    assert_eq!(fx.rows("visits")?, visits);
+    Ok(())
+}
+
+fn upsert_inserts_new_rows_and_replaces_existing_by_key(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    let rows = [
+        fx.person(2, "Alan Turing", Some(42)),
+        fx.person(4, "Edsger", Some(72)),
+    ];
+    assert_eq!(fx.upsert("people", &["id"], &rows)?, written(2));
+    let expected = vec![
+        fx.person(1, "Ada", Some(36)),
+        fx.person(2, "Alan Turing", Some(42)),
+        fx.person(3, "Grace", None),
+        fx.person(4, "Edsger", Some(72)),
+    ];
+    assert_eq!(fx.rows("people")?, expected);
+    Ok(())
+}
+
+fn upsert_by_composite_key_matches_all_key_fields(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    // (1, tue) exists and changes; (2, tue) shares each key field with some row but
+    // matches none as a whole, so it is new.
+    let rows = [fx.visit(1, "tue", "changed"), fx.visit(2, "tue", "new")];
+    assert_eq!(
+        fx.upsert("visits", &["person_id", "day"], &rows)?,
+        written(2)
+    );
+    let expected = vec![
+        fx.visit(1, "mon", "first"),
+        fx.visit(1, "tue", "changed"),
+        fx.visit(2, "mon", "third"),
+        fx.visit(2, "tue", "new"),
+    ];
+    assert_eq!(fx.rows("visits")?, expected);
+    Ok(())
+}
+
+fn upsert_twice_leaves_the_same_rows(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    // Replaying a write after a crash must not duplicate or change anything.
+    let rows = [
+        fx.person(1, "Ada King", Some(36)),
+        fx.person(5, "Barbara", None),
+    ];
+    assert_eq!(fx.upsert("people", &["id"], &rows)?, written(2));
+    let once = fx.rows("people")?;
+    assert_eq!(fx.upsert("people", &["id"], &rows)?, written(2));
+    assert_eq!(fx.rows("people")?, once);
+    assert_eq!(once.len(), 4);
+    assert_eq!(once[0], fx.person(1, "Ada King", Some(36)));
+    Ok(())
+}
+
+fn upsert_sets_only_the_fields_a_row_carries(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    // A mapped sync may write a subset of the fields: the others keep their values on
+    // an update and are null on an insert.
+    let rows = [
+        fx.row(&[("id", Value::Int(1)), ("age", Value::Int(37))]),
+        fx.row(&[("id", Value::Int(6)), ("name", text("Barbara"))]),
+        fx.row(&[("id", Value::Int(2)), ("age", Value::Null)]),
+    ];
+    assert_eq!(fx.upsert("people", &["id"], &rows)?, written(3));
+    let expected = vec![
+        fx.person(1, "Ada", Some(37)),
+        fx.person(2, "Alan", None),
+        fx.person(3, "Grace", None),
+        fx.person(6, "Barbara", None),
+    ];
+    assert_eq!(fx.rows("people")?, expected);
+    Ok(())
+}
+
+fn delete_removes_rows_by_key_and_absent_keys_are_fine(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    let gone = [
+        fx.row(&[("id", Value::Int(2))]),
+        fx.row(&[("id", Value::Int(99))]),
+    ];
+    assert_eq!(fx.delete("people", &["id"], &gone)?, written(2));
+    let expected = vec![fx.person(1, "Ada", Some(36)), fx.person(3, "Grace", None)];
+    assert_eq!(fx.rows("people")?, expected);
+    // Deleting again is the same no-op as deleting an absent key.
+    assert_eq!(fx.delete("people", &["id"], &gone)?, written(2));
+    assert_eq!(fx.rows("people")?, expected);
+    Ok(())
+}
+
+fn delete_by_composite_key_matches_all_key_fields(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    let gone = [
+        fx.row(&[("person_id", Value::Int(1)), ("day", text("mon"))]),
+        fx.row(&[("person_id", Value::Int(2)), ("day", text("tue"))]),
+    ];
+    assert_eq!(
+        fx.delete("visits", &["person_id", "day"], &gone)?,
+        written(2)
+    );
+    let expected = vec![fx.visit(1, "tue", "second"), fx.visit(2, "mon", "third")];
+    assert_eq!(fx.rows("visits")?, expected);
+    Ok(())
+}
+
+fn refused_row_does_not_stop_the_others(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    let mut rows = vec![
+        fx.person(4, "Edsger", Some(72)),
+        // A field the entity does not have.
+        fx.row(&[("id", Value::Int(5)), ("nickname", text("x"))]),
+        fx.person(6, "Barbara", None),
+        // A null key cannot be matched by a later replay, so no store accepts it.
+        fx.row(&[("id", Value::Null), ("name", text("Nobody"))]),
+    ];
+    if kind == Kind::Sqlite {
+        // SQLite's own constraints: NOT NULL on name, CHECK (age >= 0).
+        rows.push(fx.row(&[("id", Value::Int(7)), ("name", Value::Null)]));
+        rows.push(fx.person(8, "Minus", Some(-1)));
+    }
+    rows.push(fx.person(9, "Last", Some(1)));
+    let outcomes = fx.upsert("people", &["id"], &rows)?;
+    assert_eq!(outcomes.len(), rows.len());
+    let reasons: Vec<Option<&str>> = outcomes.iter().map(refused_reason).collect();
+    assert_eq!(reasons[0], None);
+    assert!(
+        reasons[1].is_some_and(|r| r.contains("nickname")),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons[2], None);
+    assert!(
+        reasons[3].is_some_and(|r| r.contains("\"id\"")),
+        "{reasons:?}"
+    );
+    if kind == Kind::Sqlite {
+        assert!(
+            reasons[4].is_some_and(|r| r.contains("NOT NULL constraint failed")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons[5].is_some_and(|r| r.contains("CHECK constraint failed")),
+            "{reasons:?}"
+        );
+    }
+    assert_eq!(*reasons.last().ok_or("no outcome")?, None);
+    let expected = vec![
+        fx.person(1, "Ada", Some(36)),
+        fx.person(2, "Alan", Some(41)),
+        fx.person(3, "Grace", None),
+        fx.person(4, "Edsger", Some(72)),
+        fx.person(6, "Barbara", None),
+        fx.person(9, "Last", Some(1)),
+    ];
+    assert_eq!(fx.rows("people")?, expected);
+    Ok(())
+}
+
+fn describe_lists_fields_and_types(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    let field = |name: &str, field_type, nullable| FieldInfo {
+        name: name.to_string(),
+        field_type,
+        nullable,
+    };
+    let fields = match kind {
+        // CSV knows text only, and nothing forbids an empty cell.
+        Kind::Csv => vec![
+            field("id", FieldType::Text, true),
+            field("name", FieldType::Text, true),
+            field("age", FieldType::Text, true),
+        ],
+        // JSON Lines infers types from values and sorts fields by name.
+        Kind::Jsonl => vec![
+            field("age", FieldType::Int, true),
+            field("id", FieldType::Int, true),
+            field("name", FieldType::Text, true),
+        ],
+        Kind::Sqlite => vec![
+            field("id", FieldType::Int, false),
+            field("name", FieldType::Text, false),
+            field("age", FieldType::Int, true),
+        ],
+    };
+    let expected = EntityInfo {
+        name: "people".into(),
+        fields,
+    };
+    assert_eq!(fx.store.describe("people")?, expected);
+    Ok(())
+}
+
+fn missing_entity_is_no_such_entity_naming_datasource_and_entity(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    let check = |missing: &str, result: Result<(), DatasourceError>| match result {
+        Err(e @ DatasourceError::NoSuchEntity { .. }) => {
+            let message = e.to_string();
+            assert!(
+                message.contains(NAME) && message.contains(missing),
+                "{message}"
+            );
+            if let DatasourceError::NoSuchEntity { datasource, entity } = e {
+                assert_eq!((datasource.as_str(), entity.as_str()), (NAME, missing));
+            }
+        }
+        other => panic!("expected NoSuchEntity, got {other:?}"),
+    };
+    let key = keys(&["id"]);
+    let row = fx.person(1, "Ada", None);
+    check("ghosts", fx.store.describe("ghosts").map(|_| ()));
+    check("ghosts", fx.store.scan("ghosts", &mut |_| Ok(())));
+    check(
+        "ghosts",
+        fx.store
+            .upsert("ghosts", &key, std::slice::from_ref(&row))
+            .map(|_| ()),
+    );
+    check(
+        "ghosts",
+        fx.store.delete("ghosts", &key, &[row]).map(|_| ()),
+    );
+    // A name that is a path is no entity either, even when the path exists.
+    check("../people", fx.store.scan("../people", &mut |_| Ok(())));
+    Ok(())
+}
+
+fn key_field_not_in_entity_is_no_such_field(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    let row = fx.person(1, "Ada", Some(36));
+    match fx.upsert("people", &["ident"], &[row]) {
+        Err(DatasourceError::NoSuchField {
+            datasource,
+            entity,
+            field,
+        }) => assert_eq!(
+            (datasource.as_str(), entity.as_str(), field.as_str()),
+            (NAME, "people", "ident")
+        ),
+        other => panic!("expected NoSuchField, got {other:?}"),
+    }
+    assert_eq!(fx.rows("people")?.len(), 3);
+    Ok(())
+}
+
+fn unicode_quotes_commas_and_newlines_round_trip(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    let awkward = [
+        "Zoë, \"the\" café",
+        "two\nlines, and a \r\n too",
+        "  leading and trailing  ",
+        "日本語 🚀 ,\"",
+    ];
+    let rows: Vec<Row> = awkward
+        .iter()
+        .enumerate()
+        .map(|(i, s)| fx.visit(3, &format!("day{i} «{s}»"), s))
+        .collect();
+    assert_eq!(
+        fx.upsert("visits", &["person_id", "day"], &rows)?,
+        written(4)
+    );
+    let read: Vec<Row> = fx
+        .rows("visits")?
+        .into_iter()
+        .filter(|r| r["person_id"] == fx.stored(Value::Int(3)))
+        .collect();
+    assert_eq!(read, rows);
+    // Matching by such a key works too: the upsert replays as a no-op.
+    assert_eq!(
+        fx.upsert("visits", &["person_id", "day"], &rows)?,
+        written(4)
+    );
+    assert_eq!(fx.rows("visits")?.len(), 3 + awkward.len());
+    Ok(())
+}
+
+macro_rules! for_each_store {
+    ($kind:ident: $($test:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() -> TestResult {
+                super::$test(super::Kind::$kind)
+            }
+        )*
+    };
+}
+
+/// `every store:` tests run against all three stores; `file stores:` tests only against
+/// CSV and JSON Lines, since SQLite has no files to rewrite or to find malformed.
+macro_rules! contract {
+    (every store: $($test:ident),* $(,)?; file stores: $($file_test:ident),* $(,)?) => {
+        mod csv {
+            use super::TestResult;
+            for_each_store!(Csv: $($test,)* $($file_test),*);
+        }
+        mod jsonl {
+            use super::TestResult;
+            for_each_store!(Jsonl: $($test,)* $($file_test),*);
+        }
+        mod sqlite {
+            use super::TestResult;
+            for_each_store!(Sqlite: $($test),*);
+        }
+    };
+}
+
+contract!(
+    every store:
+    entities_lists_every_entity,
+    scan_returns_every_row_once_with_all_fields,
+    upsert_inserts_new_rows_and_replaces_existing_by_key,
+    upsert_by_composite_key_matches_all_key_fields,
+    upsert_twice_leaves_the_same_rows,
+    upsert_sets_only_the_fields_a_row_carries,
+    delete_removes_rows_by_key_and_absent_keys_are_fine,
+    delete_by_composite_key_matches_all_key_fields,
+    refused_row_does_not_stop_the_others,
+    describe_lists_fields_and_types,
+    missing_entity_is_no_such_entity_naming_datasource_and_entity,
+    key_field_not_in_entity_is_no_such_field,
+    unicode_quotes_commas_and_newlines_round_trip;
+    file stores:
+    stray_tmp_file_is_ignored_and_replaced_by_the_next_write,
+    rewrite_keeps_file_order_and_appends_new_rows,
+    malformed_file_is_bad_row_naming_the_line,
+);
+
+// The file stores' own rules.
+
+fn stray_tmp_file_is_ignored_and_replaced_by_the_next_write(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    // A crash after the temp file was written but before the rename leaves the old
+    // file whole beside a half-written temp file.
+    let mut tmp = fx.file("people").into_os_string();
+    tmp.push(".tmp");
+    fs::write(&tmp, "id,na\u{0}garbage{\n")?;
+    assert_eq!(fx.store.entities()?, ["people", "visits"]);
+    let before = fx.rows("people")?;
+    assert_eq!(before.len(), 3);
+    assert_eq!(before[0], fx.person(1, "Ada", Some(36)));
+    // The next write replaces the temp file and renames it away.
+    let row = fx.person(4, "Edsger", Some(72));
+    assert_eq!(
+        fx.upsert("people", &["id"], std::slice::from_ref(&row))?,
+        written(1)
+    );
+    assert!(!Path::new(&tmp).exists());
+    let mut expected = before;
+    expected.push(row);
+    assert_eq!(fx.rows("people")?, expected);
+    Ok(())
+}
+
+fn rewrite_keeps_file_order_and_appends_new_rows(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    let rows = [fx.person(0, "Zero", None), fx.person(2, "Alan T", Some(41))];
+    assert_eq!(fx.upsert("people", &["id"], &rows)?, written(2));
+    let ids: Vec<Value> = fx
+        .rows_in_scan_order("people")?
+        .into_iter()
+        .map(|r| r["id"].clone())
+        .collect();
+    let expected: Vec<Value> = [1, 2, 3, 0].map(|i| fx.stored(Value::Int(i))).into();
+    assert_eq!(ids, expected);
+    Ok(())
+}
+
+fn malformed_file_is_bad_row_naming_the_line(kind: Kind) -> TestResult {
+    let cases: Vec<(&str, &[u8], u64, &str)> = match kind {
+        Kind::Sqlite => {
+            unreachable!("SQLite has no files; see sqlite_blob_is_bad_row_naming_the_row")
+        }
+        Kind::Csv => vec![
+            ("ragged", b"id,name\n1,Ada\n2,Alan,extra\n", 3, "3 fields"),
+            (
+                "bad_utf8",
+                b"id,name\n1,Ada\n2,Alan\n3,Gr\xffce\n",
+                4,
+                "UTF-8",
+            ),
+            ("twice", b"id,id\n1,2\n", 1, "twice"),
+        ],
+        Kind::Jsonl => vec![
+            ("broken", b"{\"id\":1}\n{\"id\":2,\n", 2, "invalid JSON"),
+            (
+                "nested",
+                b"{\"id\":1}\n\n{\"id\":3,\"tags\":[1]}\n",
+                3,
+                "\"tags\"",
+            ),
+            ("scalar", b"{\"id\":1}\n42\n", 2, "object"),
+            ("bad_utf8", b"{\"id\":\"\xff\"}\n", 1, "invalid JSON"),
+        ],
+    };
+    let mut fx = fixture(kind)?;
+    let extension = if kind == Kind::Csv { "csv" } else { "jsonl" };
+    for (entity, bytes, line, words) in cases {
+        fs::write(fx.dir.path().join(format!("{entity}.{extension}")), bytes)?;
+        for result in [
+            fx.store.scan(entity, &mut |_| Ok(())),
+            fx.store.describe(entity).map(|_| ()),
+            fx.upsert(entity, &["id"], &[]).map(|_| ()),
+        ] {
+            match result {
+                Err(DatasourceError::BadRow {
+                    datasource,
+                    entity: named,
+                    line: at,
+                    reason,
+                }) => {
+                    assert_eq!(
+                        (datasource.as_str(), named.as_str(), at),
+                        (NAME, entity, line)
+                    );
+                    assert!(reason.contains(words), "{entity}: {reason}");
+                }
+                other => panic!("{entity}: expected BadRow, got {other:?}"),
+            }
+        }
+        // Nothing was rewritten.
+        assert_eq!(
+            fs::read(fx.dir.path().join(format!("{entity}.{extension}")))?,
+            bytes
+        );
+    }
+    Ok(())
+}
+
+// ----------------------------------------------------------------------------------------
+// Each store's own rules.
+// ----------------------------------------------------------------------------------------
+
+#[test]
+fn csv_null_writes_an_empty_cell_and_an_empty_cell_reads_null() -> TestResult {
+    let mut fx = fixture(Kind::Csv)?;
+    let rows = [fx.row(&[
+        ("id", Value::Int(4)),
+        ("name", text("")),
+        ("age", Value::Null),
+    ])];
+    assert_eq!(fx.upsert("people", &["id"], &rows)?, written(1));
+    let file = fs::read_to_string(fx.file("people"))?;
+    assert!(file.ends_with("\n4,,\n"), "{file:?}");
+    // The empty name came back as Null: CSV cannot tell them apart.
+    let expected = fx.row(&[
+        ("id", Value::Int(4)),
+        ("name", Value::Null),
+        ("age", Value::Null),
+    ]);
+    assert_eq!(fx.rows("people")?[3], expected);
+    Ok(())
+}
+
+#[test]
+fn csv_empty_file_takes_its_header_from_the_first_upsert() -> TestResult {
+    let mut fx = fixture(Kind::Csv)?;
+    fs::write(fx.dir.path().join("tags.csv"), "")?;
+    assert_eq!(fx.store.describe("tags")?.fields, []);
+    let row = fx.row(&[("tag", text("red")), ("id", Value::Int(1))]);
+    assert_eq!(
+        fx.upsert("tags", &["id"], std::slice::from_ref(&row))?,
+        written(1)
+    );
+    assert_eq!(
+        fs::read_to_string(fx.dir.path().join("tags.csv"))?,
+        "id,tag\n1,red\n"
+    );
+    assert_eq!(fx.rows("tags")?, [row]);
+    Ok(())
+}
+
+#[test]
+fn jsonl_describe_infers_types_from_non_null_values() -> TestResult {
+    let mut fx = fixture(Kind::Jsonl)?;
+    fs::write(
+        fx.dir.path().join("mixed.jsonl"),
+        concat!(
+            "{\"id\":1,\"n\":1,\"flag\":true,\"mix\":1,\"never\":null}\n",
+            "{\"id\":2,\"n\":2.5,\"flag\":null,\"mix\":\"one\"}\n",
+            "{\"id\":3,\"n\":null,\"flag\":false,\"extra\":\"x\"}\n",
+        ),
+    )?;
+    let types: Vec<(String, FieldType)> = fx
+        .store
+        .describe("mixed")?
+        .fields
+        .into_iter()
+        .map(|f| (f.name, f.field_type))
+        .collect();
+    let expected = [
+        ("extra", FieldType::Text),
+        ("flag", FieldType::Bool),
+        ("id", FieldType::Int),
+        ("mix", FieldType::Text),
+        ("n", FieldType::Float),
+        ("never", FieldType::Text),
+    ]
+    .map(|(n, t)| (n.to_string(), t));
+    assert_eq!(types, expected);
+    Ok(())
+}
+
+#[test]
+fn jsonl_values_keep_their_types_and_non_finite_floats_are_refused() -> TestResult {
+    let mut fx = fixture(Kind::Jsonl)?;
+    let rows = [
+        fx.row(&[
+            ("id", Value::Int(4)),
+            ("name", Value::Bool(true)),
+            ("age", Value::Float(1.0)),
+        ]),
+        fx.row(&[("id", Value::Int(5)), ("age", Value::Float(f64::NAN))]),
+    ];
+    let outcomes = fx.upsert("people", &["id"], &rows)?;
+    assert_eq!(outcomes[0], RowOutcome::Written);
+    assert!(
+        refused_reason(&outcomes[1]).is_some_and(|r| r.contains("\"age\"")),
+        "{outcomes:?}"
+    );
+    // 1.0 stays a float, not the integer 1.
+    assert_eq!(fx.rows("people")?[3], rows[0]);
+    Ok(())
+}
+
+#[test]
+fn sqlite_upsert_without_a_unique_key_updates_then_inserts() -> TestResult {
+    let mut fx = fixture(Kind::Sqlite)?;
+    let path = fx.dir.path().join("db.sqlite");
+    rusqlite::Connection::open(&path)?.execute_batch(
+        "CREATE TABLE tags (code TEXT, label TEXT); INSERT INTO tags VALUES ('r', 'red');",
+    )?;
+    let rows = [
+        fx.row(&[("code", text("r")), ("label", text("rouge"))]),
+        fx.row(&[("code", text("g")), ("label", text("green"))]),
+        fx.row(&[("code", text("b"))]),
+    ];
+    for _ in 0..2 {
+        assert_eq!(fx.upsert("tags", &["code"], &rows)?, written(3));
+        let expected = vec![
+            fx.row(&[("code", text("b")), ("label", Value::Null)]),
+            fx.row(&[("code", text("g")), ("label", text("green"))]),
+            fx.row(&[("code", text("r")), ("label", text("rouge"))]),
+        ];
+        let mut read = fx.rows("tags")?;
+        read.sort_by_key(|r| r["code"].to_text());
+        assert_eq!(read, expected);
+    }
+    Ok(())
+}
+
+#[test]
+fn sqlite_identifiers_with_quotes_and_spaces_are_quoted() -> TestResult {
+    let mut fx = fixture(Kind::Sqlite)?;
+    let path = fx.dir.path().join("db.sqlite");
+    rusqlite::Connection::open(&path)?.execute_batch(
+        "CREATE TABLE \"odd \"\"name\"\"\" (\"the id\" INTEGER PRIMARY KEY, \"a;b\" TEXT, done BOOLEAN);",
+    )?;
+    let table = "odd \"name\"";
+    assert_eq!(fx.store.entities()?, [table, "people", "visits"]);
+    let row = fx.row(&[
+        ("the id", Value::Int(1)),
+        ("a;b", text("'); DROP TABLE people; --")),
+        ("done", Value::Bool(true)),
+    ]);
+    assert_eq!(
+        fx.upsert(table, &["the id"], std::slice::from_ref(&row))?,
+        written(1)
+    );
+    assert_eq!(fx.rows(table)?, [row]);
+    let types: Vec<FieldType> = fx
+        .store
+        .describe(table)?
+        .fields
+        .iter()
+        .map(|f| f.field_type)
+        .collect();
+    assert_eq!(types, [FieldType::Int, FieldType::Text, FieldType::Bool]);
+    assert_eq!(fx.rows("people")?.len(), 3);
+    Ok(())
+}
+
+#[test]
+fn sqlite_open_never_creates_a_database() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("missing.sqlite");
+    match SqliteSource::open(NAME, &path) {
+        Err(DatasourceError::Unavailable { datasource, .. }) => assert_eq!(datasource, NAME),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(!path.exists());
+    fs::write(
+        &path,
+        "not a database, just some text that is long enough to have a header",
+    )?;
+    assert!(matches!(
+        SqliteSource::open(NAME, &path),
+        Err(DatasourceError::Unavailable { .. })
+    ));
+    Ok(())
+}
+
+#[test]
+fn sqlite_blob_is_bad_row_naming_the_row() -> TestResult {
+    let mut fx = fixture(Kind::Sqlite)?;
+    let path = fx.dir.path().join("db.sqlite");
+    rusqlite::Connection::open(&path)?
+        .execute_batch("UPDATE people SET name = x'00ff' WHERE id = 2;")?;
+    match fx.rows_in_scan_order("people") {
+        Err(DatasourceError::BadRow { line, reason, .. }) => {
+            assert_eq!(line, 2);
+            assert!(reason.contains("\"name\""), "{reason}");
+        }
+        other => panic!("expected BadRow, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[test]
+fn file_stores_refuse_a_folder_that_does_not_exist() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let missing = dir.path().join("nope");
+    assert!(matches!(
+        CsvSource::open(NAME, &missing),
+        Err(DatasourceError::Unavailable { .. })
+    ));
+    assert!(matches!(
+        JsonlSource::open(NAME, &missing),
+        Err(DatasourceError::Unavailable { .. })
+    ));
+    Ok(())
+}
