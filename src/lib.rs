@@ -26,9 +26,9 @@ pub use model::{
     MAX_ITEM_ID_LEN, MAX_REPLICAS_PER_VECTOR,
 };
 pub use schema::{
-    automap, validate, AutoMap, ConflictRule, Endpoint, Filter, FilterValue, Mapping, OnMissing,
-    Operator, RunStatus, SchemaError, SchemaSet, SyncDirection, SyncSchema, SyncType, Transform,
-    TransformError,
+    automap, validate, ApplyReport, AutoMap, ConflictRule, DetectReport, Endpoint, Filter,
+    FilterValue, Mapping, OnMissing, Operator, RunStatus, SchemaError, SchemaSet, SyncDirection,
+    SyncSchema, SyncType, TableReplica, Transform, TransformError,
 };
 pub use stores::{
     CsvSource, Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, GcReport,

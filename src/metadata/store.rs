@@ -21,6 +21,7 @@ const PREFIX_ITEM: u8 = 0x10;
 const PREFIX_INDEX: u8 = 0x11;
 const PREFIX_CONFLICT: u8 = 0x13;
 const PREFIX_PEER: u8 = 0x14;
+const PREFIX_PENDING: u8 = 0x15;
 
 fn prefixed(prefix: u8, id: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(id.len() + 1);
@@ -345,6 +346,18 @@ impl MetadataStore {
         Ok(out)
     }
 
+    /// The pending-apply markers: writes to an external store that a commit promised and
+    /// that may not have reached the store yet (see `Commit::mark_pending`).
+    pub fn pending(&self) -> Result<Vec<Vec<u8>>, MetadataError> {
+        self.check()?;
+        let mut out = Vec::new();
+        for entry in self.db.scan_prefix([PREFIX_PENDING]) {
+            let (key, _) = entry.map_err(|e| self.storage(e))?;
+            out.push(key[1..].to_vec());
+        }
+        Ok(out)
+    }
+
     /// Items whose current version was made by `replica` after tick `after`.
     pub fn items_changed_by(
         &self,
@@ -631,6 +644,18 @@ impl Commit {
         self.clock.epoch
     }
 
+    /// Marks `what` (for example a row of an external store) as written by this commit
+    /// but not yet applied to the external store. The marker commits atomically with the
+    /// metadata, so after a crash the store's owner finds it and replays the write.
+    pub fn mark_pending(&mut self, what: &[u8]) {
+        self.batch.insert(prefixed(PREFIX_PENDING, what), &[][..]);
+    }
+
+    /// Removes a pending-apply marker once the external write is done.
+    pub fn clear_pending(&mut self, what: &[u8]) {
+        self.batch.remove(prefixed(PREFIX_PENDING, what));
+    }
+
     /// Records the highest session epoch seen from `peer`.
     pub fn set_peer_epoch(&mut self, peer: ReplicaId, epoch: u64) {
         self.batch.insert(
@@ -716,6 +741,7 @@ fn describe_key(key: &[u8]) -> String {
         Some(&PREFIX_INDEX) => "change index entry".into(),
         Some(&PREFIX_CONFLICT) => format!("saved conflict of {:?}", show(&key[1..])),
         Some(&PREFIX_PEER) => "peer epoch record".into(),
+        Some(&PREFIX_PENDING) => "pending-apply marker".into(),
         _ => format!("{key:?}"),
     }
 }

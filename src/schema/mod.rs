@@ -34,6 +34,7 @@ mod file;
 mod filter;
 mod model;
 mod suggest;
+mod table;
 mod transform;
 mod validate;
 
@@ -43,6 +44,7 @@ pub use model::{
     ConflictRule, Endpoint, Mapping, OnMissing, RunStatus, SchemaSet, SyncDirection, SyncSchema,
     SyncType,
 };
+pub use table::{ApplyReport, DetectReport, TableReplica};
 pub use transform::{Transform, TransformError};
 pub use validate::validate;
 
@@ -54,6 +56,17 @@ use thiserror::Error;
 #[derive(Clone, Debug, Error, PartialEq)]
 #[non_exhaustive]
 pub enum SchemaError {
+    /// A datasource failed as a whole (unreachable, a missing entity, a malformed file);
+    /// the message names the datasource, entity and line. Kept as text so this error
+    /// stays comparable and clonable like the rest of the layer's.
+    #[error("{message}")]
+    Datasource { message: String },
+    /// The replica that keeps an entity's metadata, or a sync between two, failed.
+    #[error("{message}")]
+    Store { message: String },
+    /// A row or unit that cannot be mapped between a datasource and its replica.
+    #[error("{reason}")]
+    Table { reason: String },
     /// The file is not valid TOML, or has a key or a type the format does not allow.
     #[error("{file}: line {line}, column {column}: {message}")]
     Syntax {
@@ -217,7 +230,12 @@ impl SchemaError {
     fn located(&self) -> Option<(&str, &str, &str, &Option<String>)> {
         use SchemaError::*;
         match self {
-            Syntax { .. } | Io { .. } | Invalid { .. } => None,
+            Syntax { .. }
+            | Io { .. }
+            | Invalid { .. }
+            | Datasource { .. }
+            | Store { .. }
+            | Table { .. } => None,
             UnknownField {
                 schema,
                 path,
@@ -279,7 +297,12 @@ impl SchemaError {
     fn location_mut(&mut self) -> Option<(&mut String, &mut String)> {
         use SchemaError::*;
         match self {
-            Syntax { .. } | Io { .. } | Invalid { .. } => None,
+            Syntax { .. }
+            | Io { .. }
+            | Invalid { .. }
+            | Datasource { .. }
+            | Store { .. }
+            | Table { .. } => None,
             UnknownField { schema, path, .. }
             | UnknownOperator { schema, path, .. }
             | BadTransform { schema, path, .. }
@@ -315,4 +338,28 @@ fn list(problems: &[SchemaError]) -> String {
         out.push_str(&p.to_string());
     }
     out
+}
+
+impl From<crate::stores::DatasourceError> for SchemaError {
+    fn from(e: crate::stores::DatasourceError) -> Self {
+        SchemaError::Datasource {
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<crate::stores::StoreError> for SchemaError {
+    fn from(e: crate::stores::StoreError) -> Self {
+        SchemaError::Store {
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<crate::sync::SyncError> for SchemaError {
+    fn from(e: crate::sync::SyncError) -> Self {
+        SchemaError::Store {
+            message: e.to_string(),
+        }
+    }
 }

@@ -164,6 +164,69 @@ impl Replica {
         Ok(Some(version))
     }
 
+    /// Applies many local changes in one commit (`None` deletes the item; deleting an
+    /// item that is not live is nothing). Each change takes its own tick. Used by change
+    /// detection, which finds a store's changes by the thousand.
+    pub fn apply_local(
+        &mut self,
+        changes: &[(ItemId, Option<Vec<u8>>)],
+    ) -> Result<Vec<Version>, StoreError> {
+        let now = self.clock.now_ms();
+        let mut commit = self.metadata.begin();
+        let mut versions = Vec::with_capacity(changes.len());
+        // The same item twice in one call: the later change wins, on top of the earlier.
+        let mut written: std::collections::HashMap<&ItemId, ItemMeta> = Default::default();
+        for (item, value) in changes {
+            if value.as_ref().is_some_and(|v| v.len() > MAX_ITEM_DATA_LEN) {
+                return Err(StoreError::ValueTooLarge {
+                    item: item.clone(),
+                    len: value.as_ref().map_or(0, Vec::len),
+                    max: MAX_ITEM_DATA_LEN,
+                });
+            }
+            let old = match written.get(item) {
+                Some(meta) => Some(*meta),
+                None => self.metadata.item(item)?,
+            };
+            if value.is_none() && old.is_none_or(|m| m.deleted) {
+                continue;
+            }
+            let (version, timestamp) = commit.next_version(now);
+            let meta = ItemMeta {
+                creation: match (value, old) {
+                    (Some(_), Some(m)) if !m.deleted => m.creation,
+                    (None, Some(m)) => m.creation,
+                    _ => version,
+                },
+                version,
+                timestamp,
+                deleted: value.is_none(),
+            };
+            self.items
+                .stage(&mut commit, item, value.as_deref())
+                .map_err(|r| self.store_error(item, r))?;
+            commit.put_item(item, &meta, old.as_ref());
+            written.insert(item, meta);
+            versions.push(version);
+        }
+        if !versions.is_empty() {
+            self.metadata.commit(commit)?;
+        }
+        Ok(versions)
+    }
+
+    /// Removes pending-apply markers (see `Commit::mark_pending`) in one commit.
+    pub fn clear_pending(&mut self, markers: &[Vec<u8>]) -> Result<(), StoreError> {
+        if markers.is_empty() {
+            return Ok(());
+        }
+        let mut commit = self.metadata.begin();
+        for marker in markers {
+            commit.clear_pending(marker);
+        }
+        Ok(self.metadata.commit(commit)?)
+    }
+
     /// The value of a live item.
     pub fn get(&self, item: &ItemId) -> Result<Option<Vec<u8>>, StoreError> {
         match self.metadata.item(item)? {

@@ -1,0 +1,298 @@
+//! A SQLite table and a CSV file kept in step through table replicas, whose items are a
+//! row-existence unit and one unit per field (src/schema/table.rs). The engine does the
+//! rest: field edits on two sides merge (scenario 19), re-runs move nothing (D6), deletes
+//! propagate, and a crash between committing metadata and writing the datasource is
+//! repaired at the next open without showing up as a local change.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::TestResult;
+use knit::{
+    ConflictPolicy, CsvSource, Datasource, DatasourceError, EntityInfo, NoObserver, Row,
+    RowOutcome, SessionOptions, SqliteSource, TableReplica, Value,
+};
+
+const ENTITY: &str = "customers";
+
+fn fields() -> Vec<String> {
+    ["id", "name", "phone"].map(String::from).to_vec()
+}
+
+fn key() -> Vec<String> {
+    vec!["id".to_string()]
+}
+
+struct Stores {
+    dir: tempfile::TempDir,
+}
+
+impl Stores {
+    fn new() -> Result<Self, Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let db = rusqlite::Connection::open(dir.path().join("shop.db"))?;
+        db.execute_batch(
+            "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT, phone TEXT);
+             INSERT INTO customers VALUES (1, 'Ada', '111'), (2, 'Grace', '222'), (3, 'Edsger', '333');",
+        )?;
+        std::fs::create_dir(dir.path().join("csv"))?;
+        std::fs::write(dir.path().join("csv/customers.csv"), "id,name,phone\n")?;
+        Ok(Self { dir })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn sqlite(&self) -> Result<Box<dyn Datasource>, DatasourceError> {
+        Ok(Box::new(SqliteSource::open("shop", &self.path("shop.db"))?))
+    }
+
+    fn csv(&self) -> Result<Box<dyn Datasource>, DatasourceError> {
+        Ok(Box::new(CsvSource::open("export", &self.path("csv"))?))
+    }
+
+    fn table(
+        &self,
+        state: &str,
+        source: Box<dyn Datasource>,
+    ) -> Result<TableReplica, Box<dyn std::error::Error>> {
+        Ok(TableReplica::open(
+            &self.path(state),
+            source,
+            ENTITY,
+            &key(),
+            &fields(),
+        )?)
+    }
+
+    fn sql(&self, statement: &str) -> rusqlite::Result<usize> {
+        rusqlite::Connection::open(self.path("shop.db"))?.execute(statement, [])
+    }
+}
+
+/// Every row of a datasource as `id → (name, phone)` text, for comparing stores of
+/// different kinds.
+fn rows(
+    source: &mut dyn Datasource,
+) -> Result<BTreeMap<String, (String, String)>, DatasourceError> {
+    let mut out = BTreeMap::new();
+    source.scan(ENTITY, &mut |row: Row| {
+        let text = |f: &str| row.get(f).map(Value::to_text).unwrap_or_default();
+        out.insert(text("id"), (text("name"), text("phone")));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+fn lww() -> SessionOptions {
+    SessionOptions {
+        policy: ConflictPolicy::LastWriterWins,
+        batch_size: 2,
+        ..SessionOptions::default()
+    }
+}
+
+#[test]
+fn a_sqlite_table_reaches_an_empty_csv_file_and_a_rerun_moves_nothing() -> TestResult {
+    let stores = Stores::new()?;
+    let mut a = stores.table("a-state", stores.sqlite()?)?;
+    let mut b = stores.table("b-state", stores.csv()?)?;
+
+    let found = a.detect_full()?;
+    assert_eq!(
+        (
+            found.rows_read,
+            found.inserted,
+            found.updated,
+            found.deleted
+        ),
+        (3, 3, 0, 0)
+    );
+    let (report, to_a, to_b) = a.sync_with(&mut b, &lww(), &mut NoObserver)?;
+    let upload = report.upload.expect("upload ran");
+    // Three rows of three fields plus their existence units.
+    assert_eq!((upload.changes_sent, upload.changes_applied), (12, 12));
+    assert_eq!((to_a.upserted, to_b.upserted), (0, 3));
+    assert!(to_b.refused.is_empty());
+    assert_eq!(rows(&mut *stores.csv()?)?, rows(&mut *stores.sqlite()?)?);
+
+    // D6: the CSV file reads back as text what SQLite holds as integers; that is no
+    // change, and a second run moves nothing either way.
+    for table in [&mut a, &mut b] {
+        let again = table.detect_full()?;
+        assert_eq!((again.inserted, again.updated, again.deleted), (0, 0, 0));
+    }
+    let (report, to_a, to_b) = a.sync_with(&mut b, &lww(), &mut NoObserver)?;
+    for stats in [report.upload, report.download].into_iter().flatten() {
+        assert_eq!(stats.changes_sent, 0);
+    }
+    assert_eq!((to_a.upserted, to_b.upserted), (0, 0));
+    Ok(())
+}
+
+#[test]
+fn scenario_19_edits_of_different_fields_merge_and_the_same_field_is_one_conflict() -> TestResult {
+    let stores = Stores::new()?;
+    let mut a = stores.table("a-state", stores.sqlite()?)?;
+    let mut b = stores.table("b-state", stores.csv()?)?;
+    a.detect_full()?;
+    a.sync(&mut b)?;
+
+    // A changes Ada's name, B changes her phone: different units, no conflict.
+    stores.sql("UPDATE customers SET name = 'Ada Lovelace' WHERE id = 1")?;
+    let mut csv = stores.csv()?;
+    let ada: Row = [
+        ("id".to_string(), Value::Text("1".into())),
+        ("phone".to_string(), Value::Text("999".into())),
+    ]
+    .into();
+    assert_eq!(csv.upsert(ENTITY, &key(), &[ada])?, [RowOutcome::Written]);
+    assert_eq!(a.detect_full()?.updated, 1);
+    assert_eq!(b.detect_full()?.updated, 1);
+    let (report, _, _) = a.sync_with(&mut b, &lww(), &mut NoObserver)?;
+    let conflicts: u64 = [&report.upload, &report.download]
+        .into_iter()
+        .flatten()
+        .map(|s| s.conflicts.total())
+        .sum();
+    assert_eq!(conflicts, 0);
+    let both = rows(&mut *stores.sqlite()?)?;
+    assert_eq!(both["1"], ("Ada Lovelace".to_string(), "999".to_string()));
+    assert_eq!(both, rows(&mut *stores.csv()?)?);
+
+    // Both change Grace's phone: exactly one conflict, on the phone unit only; the later
+    // write wins everywhere.
+    stores.sql("UPDATE customers SET phone = '200' WHERE id = 2")?;
+    let grace: Row = [
+        ("id".to_string(), Value::Text("2".into())),
+        ("phone".to_string(), Value::Text("201".into())),
+    ]
+    .into();
+    csv.upsert(ENTITY, &key(), &[grace])?;
+    a.detect_full()?;
+    b.detect_full()?;
+    let (report, _, _) = a.sync_with(&mut b, &lww(), &mut NoObserver)?;
+    let conflicts: u64 = [&report.upload, &report.download]
+        .into_iter()
+        .flatten()
+        .map(|s| s.conflicts.total())
+        .sum();
+    assert_eq!(conflicts, 1);
+    let both = rows(&mut *stores.sqlite()?)?;
+    assert_eq!(both["2"], ("Grace".to_string(), "201".to_string()));
+    assert_eq!(both, rows(&mut *stores.csv()?)?);
+    Ok(())
+}
+
+#[test]
+fn a_row_deleted_in_the_csv_file_leaves_the_sqlite_table() -> TestResult {
+    let stores = Stores::new()?;
+    let mut a = stores.table("a-state", stores.sqlite()?)?;
+    let mut b = stores.table("b-state", stores.csv()?)?;
+    a.detect_full()?;
+    a.sync(&mut b)?;
+
+    let edsger: Row = [("id".to_string(), Value::Text("3".into()))].into();
+    stores.csv()?.delete(ENTITY, &key(), &[edsger])?;
+    assert_eq!(b.detect_full()?.deleted, 1);
+    // sync_with returns the caller's apply report first, then the other side's.
+    let (_, at_b, at_a) = b.sync_with(&mut a, &lww(), &mut NoObserver)?;
+    assert_eq!((at_b.deleted, at_a.deleted), (0, 1));
+    let sqlite = rows(&mut *stores.sqlite()?)?;
+    assert!(!sqlite.contains_key("3"));
+    assert_eq!(sqlite, rows(&mut *stores.csv()?)?);
+    assert_eq!(
+        a.detect_full()?.deleted,
+        0,
+        "the apply is not a local change"
+    );
+    Ok(())
+}
+
+/// A datasource whose writes fail while `down` is set: a crash between committing the
+/// metadata of a sync and writing its rows.
+struct Flaky {
+    inner: Box<dyn Datasource>,
+    down: Arc<AtomicBool>,
+}
+
+impl Datasource for Flaky {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn entities(&mut self) -> Result<Vec<String>, DatasourceError> {
+        self.inner.entities()
+    }
+    fn describe(&mut self, entity: &str) -> Result<EntityInfo, DatasourceError> {
+        self.inner.describe(entity)
+    }
+    fn scan(
+        &mut self,
+        entity: &str,
+        visit: &mut dyn FnMut(Row) -> Result<(), DatasourceError>,
+    ) -> Result<(), DatasourceError> {
+        self.inner.scan(entity, visit)
+    }
+    fn upsert(
+        &mut self,
+        entity: &str,
+        key: &[String],
+        rows: &[Row],
+    ) -> Result<Vec<RowOutcome>, DatasourceError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(DatasourceError::Unavailable {
+                datasource: self.name().to_string(),
+                reason: "the process died here".into(),
+            });
+        }
+        self.inner.upsert(entity, key, rows)
+    }
+    fn delete(
+        &mut self,
+        entity: &str,
+        key: &[String],
+        keys: &[Row],
+    ) -> Result<Vec<RowOutcome>, DatasourceError> {
+        self.inner.delete(entity, key, keys)
+    }
+}
+
+#[test]
+fn a_crash_between_metadata_and_datasource_is_repaired_at_the_next_open() -> TestResult {
+    let stores = Stores::new()?;
+    let mut a = stores.table("a-state", stores.sqlite()?)?;
+    let down = Arc::new(AtomicBool::new(true));
+    let flaky = Flaky {
+        inner: stores.csv()?,
+        down: Arc::clone(&down),
+    };
+    let mut b = stores.table("b-state", Box::new(flaky))?;
+    a.detect_full()?;
+    assert!(
+        a.sync_with(&mut b, &lww(), &mut NoObserver).is_err(),
+        "the CSV write failed"
+    );
+    assert!(
+        rows(&mut *stores.csv()?)?.is_empty(),
+        "nothing reached the file"
+    );
+    drop(b);
+
+    // The next open finds the pending rows and writes them; detection then sees no
+    // local change, and the next sync moves nothing.
+    down.store(false, Ordering::SeqCst);
+    let mut b = stores.table("b-state", stores.csv()?)?;
+    assert_eq!(rows(&mut *stores.csv()?)?, rows(&mut *stores.sqlite()?)?);
+    let found = b.detect_full()?;
+    assert_eq!((found.inserted, found.updated, found.deleted), (0, 0, 0));
+    let report = a.sync(&mut b)?;
+    for stats in [report.upload, report.download].into_iter().flatten() {
+        assert_eq!(stats.changes_sent, 0);
+    }
+    Ok(())
+}
