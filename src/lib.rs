@@ -27,8 +27,9 @@ pub use model::{
 };
 pub use schema::{
     automap, validate, ApplyReport, AutoMap, ConflictRule, DetectReport, Endpoint, Filter,
-    FilterValue, Mapping, OnMissing, Operator, RunStatus, SchemaError, SchemaSet, SyncDirection,
-    SyncSchema, SyncType, TableReplica, Transform, TransformError,
+    FilterValue, Mapping, OnMissing, Operator, Projection, RowFailure, RunStatus, SchemaError,
+    SchemaSet, SyncDirection, SyncSchema, SyncType, TableReplica, Transform, TransformError,
+    UnitError, UnitRule,
 };
 pub use stores::{
     CsvSource, Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, GcReport,

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use common::TestResult;
 use knit::{
-    ConflictPolicy, CsvSource, Datasource, DatasourceError, EntityInfo, NoObserver, Row,
-    RowOutcome, SessionOptions, SqliteSource, TableReplica, Value,
+    ConflictPolicy, CsvSource, Datasource, DatasourceError, EntityInfo, NoObserver, Projection,
+    Row, RowOutcome, SessionOptions, SqliteSource, TableReplica, Value,
 };
 
 const ENTITY: &str = "customers";
@@ -66,7 +66,7 @@ impl Stores {
             source,
             ENTITY,
             &key(),
-            &fields(),
+            Projection::identity(&fields()),
         )?)
     }
 
@@ -294,5 +294,114 @@ fn a_crash_between_metadata_and_datasource_is_repaired_at_the_next_open() -> Tes
     for stats in [report.upload, report.download].into_iter().flatten() {
         assert_eq!(stats.changes_sent, 0);
     }
+    Ok(())
+}
+
+/// Scenarios D1 and D2 through a schema: `people.full_name` split into the destination's
+/// `first_name` and `last_name`, `age` converted to an integer, only rows of the EU.
+#[test]
+fn a_schema_maps_splits_converts_and_filters_rows_on_their_way() -> TestResult {
+    use knit::{Endpoint, Filter, FilterValue, Mapping, Operator, SyncSchema, Transform};
+
+    let stores = Stores::new()?;
+    stores.sql(
+        "CREATE TABLE people (id INTEGER PRIMARY KEY, full_name TEXT, age TEXT, region TEXT)",
+    )?;
+    stores.sql(
+        "INSERT INTO people VALUES (1, 'Ada Lovelace', '36', 'EU'), (2, 'Plato', NULL, 'EU'),
+         (3, 'Edsger Dijkstra', 'x', 'EU'), (4, 'Grace Hopper', '85', 'US')",
+    )?;
+    std::fs::write(
+        stores.path("csv/contacts.csv"),
+        "customer_id,first_name,last_name,age\n",
+    )?;
+    let mut schema = SyncSchema::new(
+        "contacts",
+        Endpoint {
+            datasource: "shop".into(),
+            entity: "people".into(),
+            key: vec!["id".into()],
+        },
+        Endpoint {
+            datasource: "export".into(),
+            entity: "contacts".into(),
+            key: vec!["customer_id".into()],
+        },
+    );
+    schema.mappings = vec![
+        Mapping::new(
+            "full_name",
+            "first_name",
+            Some(Transform::parse("SPLIT(0)")?),
+        ),
+        Mapping::new(
+            "full_name",
+            "last_name",
+            Some(Transform::parse("SPLIT(1)")?),
+        ),
+        Mapping::new("age", "age", Some(Transform::Int)),
+    ];
+    schema.filters = vec![Filter::new(
+        "region",
+        Operator::Eq,
+        FilterValue::One(Value::Text("EU".into())),
+    )];
+    let mut source = TableReplica::open(
+        &stores.path("people-state"),
+        stores.sqlite()?,
+        "people",
+        &schema.source.key,
+        Projection::source_side(&schema),
+    )?;
+    let mut destination = TableReplica::open(
+        &stores.path("contacts-state"),
+        stores.csv()?,
+        "contacts",
+        &schema.destination.key,
+        Projection::destination_side(&schema),
+    )?;
+    let upload = SessionOptions {
+        direction: knit::Direction::Upload,
+        ..lww()
+    };
+    let contacts = |stores: &Stores| -> Result<Vec<String>, DatasourceError> {
+        let mut out = Vec::new();
+        stores.csv()?.scan("contacts", &mut |row: Row| {
+            let text = |f: &str| row.get(f).map(Value::to_text).unwrap_or_default();
+            out.push(format!(
+                "{} {} {} {}",
+                text("customer_id"),
+                text("first_name"),
+                text("last_name"),
+                text("age")
+            ));
+            Ok(())
+        })?;
+        Ok(out)
+    };
+
+    let found = source.detect_full()?;
+    assert_eq!((found.rows_read, found.inserted, found.filtered), (4, 2, 1));
+    assert_eq!(found.failed.len(), 1, "{:?}", found.failed);
+    let failure = &found.failed[0];
+    assert_eq!(
+        (
+            failure.key.as_slice(),
+            failure.field.as_str(),
+            failure.reason.as_str()
+        ),
+        (&["3".to_string()][..], "age", "cannot convert 'x' to int")
+    );
+    source.sync_with(&mut destination, &upload, &mut NoObserver)?;
+    // Plato has no last name: SPLIT(1) past the end is null, not an error.
+    assert_eq!(contacts(&stores)?, ["1 Ada Lovelace 36", "2 Plato  "]);
+
+    // Grace starts matching and arrives; Ada stops matching and leaves.
+    stores.sql("UPDATE people SET region = 'EU' WHERE id = 4")?;
+    stores.sql("UPDATE people SET region = 'US' WHERE id = 1")?;
+    let found = source.detect_full()?;
+    assert_eq!((found.inserted, found.deleted, found.filtered), (1, 1, 1));
+    source.sync_with(&mut destination, &upload, &mut NoObserver)?;
+    assert_eq!(contacts(&stores)?, ["2 Plato  ", "4 Grace Hopper 85"]);
     Ok(())
 }

@@ -33,6 +33,7 @@ mod automap;
 mod file;
 mod filter;
 mod model;
+mod projection;
 mod suggest;
 mod table;
 mod transform;
@@ -44,7 +45,8 @@ pub use model::{
     ConflictRule, Endpoint, Mapping, OnMissing, RunStatus, SchemaSet, SyncDirection, SyncSchema,
     SyncType,
 };
-pub use table::{ApplyReport, DetectReport, TableReplica};
+pub use projection::{Projection, UnitError, UnitRule};
+pub use table::{ApplyReport, DetectReport, RowFailure, TableReplica};
 pub use transform::{Transform, TransformError};
 pub use validate::validate;
 

@@ -18,7 +18,7 @@
 //!   new local version; a row that vanished becomes tombstones for all its units.
 //!   Values equal as text (`36` in a CSV file, `36` in an INTEGER column) are equal.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,7 +28,15 @@ use crate::model::ItemId;
 use crate::stores::{Datasource, Replica, Row, RowOutcome, StoreError, Value};
 use crate::sync::{ItemStore, NoObserver, SessionOptions, SyncObserver, SyncReport, SystemClock};
 
-use super::SchemaError;
+use super::{Projection, SchemaError};
+
+/// A row that could not be read as units: its key, the field at fault and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowFailure {
+    pub key: Vec<String>,
+    pub field: String,
+    pub reason: String,
+}
 
 /// What a change detection found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -37,8 +45,11 @@ pub struct DetectReport {
     pub inserted: u64,
     pub updated: u64,
     pub deleted: u64,
-    /// Rows that could not be read as units (a key field missing or null), with why.
-    pub skipped: Vec<String>,
+    /// Rows the filters leave out (they count as absent: their units are deleted).
+    pub filtered: u64,
+    /// Rows that could not be read as units; their units are left as they were, so
+    /// they are not deleted elsewhere, and the next detection tries them again.
+    pub failed: Vec<RowFailure>,
 }
 
 /// What writing synced rows into the datasource did.
@@ -219,21 +230,22 @@ pub struct TableReplica {
     replica: Replica,
     datasource: Box<dyn Datasource>,
     entity: String,
+    /// This store's key fields, in the schema's key order.
     key: Vec<String>,
-    /// Every field synced as a unit, key fields included (so rows are rebuilt typed).
-    fields: Vec<String>,
+    projection: Projection,
     recording: Arc<AtomicBool>,
 }
 
 impl TableReplica {
     /// Opens (or creates) the replica of `entity` whose metadata lives in `state_dir`,
-    /// and finishes any apply a crash interrupted.
+    /// reading and writing rows through `projection`, and finishes any apply a crash
+    /// interrupted.
     pub fn open(
         state_dir: &Path,
         datasource: Box<dyn Datasource>,
         entity: &str,
         key: &[String],
-        fields: &[String],
+        projection: Projection,
     ) -> Result<Self, SchemaError> {
         let metadata = match MetadataStore::open(state_dir) {
             Ok(m) => m,
@@ -247,18 +259,12 @@ impl TableReplica {
             recording: Arc::clone(&recording),
         };
         let replica = Replica::with_parts(metadata, Box::new(units), Arc::new(SystemClock));
-        let mut fields: Vec<String> = fields.to_vec();
-        for k in key {
-            if !fields.contains(k) {
-                fields.push(k.clone());
-            }
-        }
         let mut table = Self {
             replica,
             datasource,
             entity: entity.to_string(),
             key: key.to_vec(),
-            fields,
+            projection,
             recording,
         };
         table.apply_pending()?;
@@ -275,7 +281,6 @@ impl TableReplica {
         let mut report = DetectReport::default();
         let mut seen: BTreeSet<Vec<u8>> = BTreeSet::new();
         let mut changes: Vec<(ItemId, Option<Vec<u8>>)> = Vec::new();
-        let (key, fields) = (self.key.clone(), self.fields.clone());
         let metadata = self.replica.metadata();
         let mut rows: Vec<Row> = Vec::new();
         self.datasource
@@ -286,17 +291,38 @@ impl TableReplica {
             .map_err(SchemaError::from)?;
         for row in rows {
             report.rows_read += 1;
-            let key_values: Vec<Value> = key
+            let key_values: Vec<Value> = self
+                .key
                 .iter()
                 .map(|k| row.get(k).cloned().unwrap_or(Value::Null))
                 .collect();
-            if key_values.iter().any(Value::is_null) {
-                report
-                    .skipped
-                    .push(format!("row {}: a key field is empty", report.rows_read));
+            let key_text: Vec<String> = key_values.iter().map(Value::to_text).collect();
+            if let Some(missing) = self.key.iter().zip(&key_values).find(|(_, v)| v.is_null()) {
+                report.failed.push(RowFailure {
+                    key: key_text,
+                    field: missing.0.clone(),
+                    reason: "a key field is empty".into(),
+                });
                 continue;
             }
             let prefix = row_prefix(&key_values);
+            if !self.projection.matches(&row) {
+                // Absent as far as sync goes: its units, if any, are deleted below.
+                report.filtered += 1;
+                continue;
+            }
+            seen.insert(prefix.clone());
+            let units = match self.projection.read(&row) {
+                Ok(units) => units,
+                Err(e) => {
+                    report.failed.push(RowFailure {
+                        key: key_text,
+                        field: e.field,
+                        reason: e.reason,
+                    });
+                    continue;
+                }
+            };
             let exists = unit_id(&prefix, "")?;
             let is_new = metadata
                 .item(&exists)
@@ -306,9 +332,8 @@ impl TableReplica {
                 changes.push((exists, Some(Vec::new())));
             }
             let mut changed = false;
-            for field in &fields {
-                let id = unit_id(&prefix, field)?;
-                let value = row.get(field).cloned().unwrap_or(Value::Null);
+            for (unit, value) in units {
+                let id = unit_id(&prefix, &unit)?;
                 let stored = metadata
                     .item_record(&id)
                     .map_err(StoreError::from)?
@@ -327,7 +352,6 @@ impl TableReplica {
             } else if changed {
                 report.updated += 1;
             }
-            seen.insert(prefix);
         }
         // Rows the replica holds that the datasource no longer has.
         for entry in metadata.items_from(b"") {
@@ -412,20 +436,31 @@ impl TableReplica {
                 deletes.push((prefix.clone(), key_row));
                 continue;
             }
-            for field in &self.fields {
-                let id = unit_id(prefix, field)?;
-                if let Some(data) = self
+            let mut units: BTreeMap<String, Value> = BTreeMap::new();
+            for rule in &self.projection.units {
+                let id = unit_id(prefix, &rule.unit)?;
+                let data = self
                     .replica
                     .metadata()
                     .data(&id)
-                    .map_err(StoreError::from)?
-                {
+                    .map_err(StoreError::from)?;
+                if let Some(data) = data {
                     let value =
                         decode_value(&data).map_err(|reason| SchemaError::Table { reason })?;
-                    key_row.insert(field.clone(), value);
+                    units.insert(rule.unit.clone(), value);
                 }
             }
-            upserts.push((prefix.clone(), key_row));
+            match self.projection.write(&units) {
+                Ok(row) => {
+                    // Typed values from the units win over the prefix's key text.
+                    key_row.extend(row);
+                    upserts.push((prefix.clone(), key_row));
+                }
+                Err(e) => report.refused.push((
+                    self.key_text(&key_row),
+                    format!("field {}: {}", e.field, e.reason),
+                )),
+            }
         }
         let mut done: Vec<Vec<u8>> = Vec::new();
         let outcomes = self
