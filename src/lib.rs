@@ -26,10 +26,10 @@ pub use model::{
     MAX_ITEM_ID_LEN, MAX_REPLICAS_PER_VECTOR,
 };
 pub use schema::{
-    automap, validate, ApplyReport, AutoMap, ConflictRule, DetectReport, Endpoint, Filter,
-    FilterValue, Mapping, OnMissing, Operator, Projection, RowFailure, RunStatus, SchemaError,
-    SchemaSet, SyncDirection, SyncSchema, SyncType, TableReplica, Transform, TransformError,
-    UnitError, UnitRule,
+    automap, run_schema, validate, ApplyReport, AutoMap, ConflictRule, DatasourceKind, Datasources,
+    DetectReport, Detection, Endpoint, Filter, FilterValue, Mapping, OnMissing, Operator,
+    Projection, RowFailure, RunReport, RunStatus, SchemaError, SchemaSet, SyncDirection,
+    SyncSchema, SyncType, TableReplica, Transform, TransformError, UnitError, UnitRule,
 };
 pub use stores::{
     CsvSource, Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, GcReport,

@@ -34,6 +34,7 @@ mod file;
 mod filter;
 mod model;
 mod projection;
+mod run;
 mod suggest;
 mod table;
 mod transform;
@@ -46,7 +47,8 @@ pub use model::{
     SyncType,
 };
 pub use projection::{Projection, UnitError, UnitRule};
-pub use table::{ApplyReport, DetectReport, RowFailure, TableReplica};
+pub use run::{run_schema, DatasourceKind, Datasources, RunReport};
+pub use table::{ApplyReport, DetectReport, Detection, RowFailure, TableReplica};
 pub use transform::{Transform, TransformError};
 pub use validate::validate;
 

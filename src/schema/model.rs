@@ -71,9 +71,10 @@ pub enum OnMissing {
 }
 
 /// How the last run ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum RunStatus {
     /// No run yet.
+    #[default]
     Never,
     Success,
     /// Some rows failed; the others were applied.

@@ -26,7 +26,9 @@ use std::sync::Arc;
 use crate::metadata::{Commit, MetadataStore};
 use crate::model::ItemId;
 use crate::stores::{Datasource, Replica, Row, RowOutcome, StoreError, Value};
-use crate::sync::{ItemStore, NoObserver, SessionOptions, SyncObserver, SyncReport, SystemClock};
+use crate::sync::{
+    ItemStore, NoObserver, SessionOptions, SessionStats, SyncObserver, SyncReport, SystemClock,
+};
 
 use super::{Projection, SchemaError};
 
@@ -50,6 +52,12 @@ pub struct DetectReport {
     /// Rows that could not be read as units; their units are left as they were, so
     /// they are not deleted elsewhere, and the next detection tries them again.
     pub failed: Vec<RowFailure>,
+}
+
+/// A detection's findings before they are committed.
+pub struct Detection {
+    pub report: DetectReport,
+    changes: Vec<(ItemId, Option<Vec<u8>>)>,
 }
 
 /// What writing synced rows into the datasource did.
@@ -278,6 +286,13 @@ impl TableReplica {
     /// Full change detection: reads every row and turns what differs from the units
     /// into local versions; rows that vanished become tombstones.
     pub fn detect_full(&mut self) -> Result<DetectReport, SchemaError> {
+        let detection = self.scan_changes()?;
+        self.commit_changes(detection)
+    }
+
+    /// The first half of a detection: what changed, committed to nothing yet, so a
+    /// caller can refuse it (a mass delete from a source that read back empty).
+    pub fn scan_changes(&mut self) -> Result<Detection, SchemaError> {
         let mut report = DetectReport::default();
         let mut seen: BTreeSet<Vec<u8>> = BTreeSet::new();
         let mut changes: Vec<(ItemId, Option<Vec<u8>>)> = Vec::new();
@@ -367,11 +382,28 @@ impl TableReplica {
             }
             changes.push((id, None));
         }
+        Ok(Detection { report, changes })
+    }
+
+    /// The second half: the changes become local versions, in one commit.
+    pub fn commit_changes(&mut self, detection: Detection) -> Result<DetectReport, SchemaError> {
         self.replica
-            .apply_local(&changes)
+            .apply_local(&detection.changes)
             .map_err(SchemaError::from)?;
         self.replica.flush().map_err(SchemaError::from)?;
-        Ok(report)
+        Ok(detection.report)
+    }
+
+    /// How many rows the replica holds (live row-existence units).
+    pub fn row_count(&self) -> Result<u64, SchemaError> {
+        let mut rows = 0;
+        for entry in self.replica.metadata().items_from(b"") {
+            let (id, meta) = entry.map_err(StoreError::from)?;
+            if !meta.deleted && split_unit(id.as_bytes()).is_some_and(|(_, unit)| unit.is_empty()) {
+                rows += 1;
+            }
+        }
+        Ok(rows)
     }
 
     /// Syncs with another table replica (whose datasource may be of another kind), then
@@ -394,6 +426,28 @@ impl TableReplica {
         let mine = self.apply_pending()?;
         let theirs = other.apply_pending()?;
         Ok((report?, mine, theirs))
+    }
+
+    /// One session from this replica to `other` (the options' direction is ignored),
+    /// then the rows `other` received are written into its datasource.
+    pub fn send_to(
+        &mut self,
+        other: &mut TableReplica,
+        options: &SessionOptions,
+        observer: &mut dyn SyncObserver,
+    ) -> Result<(SessionStats, ApplyReport), SchemaError> {
+        other.recording.store(true, Ordering::SeqCst);
+        let stats = crate::sync::run_session(
+            &mut self.replica,
+            &mut other.replica,
+            options,
+            observer,
+            &SystemClock,
+        );
+        other.recording.store(false, Ordering::SeqCst);
+        // Whatever the session did commit is applied, even if it stopped early.
+        let applied = other.apply_pending()?;
+        Ok((stats?, applied))
     }
 
     /// A sync with the defaults and no observer.

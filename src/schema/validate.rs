@@ -228,9 +228,10 @@ impl Check<'_> {
 }
 
 /// Whether a value of type `from` goes into a field of type `to` without a transform:
-/// the same type, or an integer into a float field.
+/// the same type, an integer into a float field, or anything into a text field (every
+/// value has a lossless text form, and a CSV file's fields are all text).
 fn fits(from: FieldType, to: FieldType) -> bool {
-    from == to || (from == FieldType::Int && to == FieldType::Float)
+    from == to || to == FieldType::Text || (from == FieldType::Int && to == FieldType::Float)
 }
 
 #[cfg(test)]
@@ -334,6 +335,19 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn anything_goes_into_text_without_a_conversion() {
+        for from in [
+            FieldType::Int,
+            FieldType::Float,
+            FieldType::Bool,
+            FieldType::Text,
+        ] {
+            assert!(fits(from, FieldType::Text), "{from} into text");
+        }
+        assert!(!fits(FieldType::Float, FieldType::Int));
     }
 
     #[test]
