@@ -881,4 +881,16 @@ mod tests {
             prop_assert_eq!(text.and_then(|v| Transform::Int.apply(&v)), Ok(Value::Int(i)));
         }
     }
+
+    proptest::proptest! {
+        /// Schema files are written by people: any text must parse or fail with an
+        /// error, never panic. The generator leans on the grammar's own characters.
+        #[test]
+        fn any_text_parses_or_fails_cleanly(text in r#"[A-Za-z(),"\\u{} 0-9%a-f.-]{0,24}"#) {
+            if let Ok(t) = Transform::parse(&text) {
+                proptest::prop_assert_eq!(Transform::parse(&t.to_string()).ok(), Some(t));
+            }
+            let _ = crate::schema::Operator::parse(&text);
+        }
+    }
 }
