@@ -89,6 +89,15 @@ fn rows(
     Ok(out)
 }
 
+/// Conflicts of both directions of a sync.
+fn conflicts_of(report: &knit::SyncReport) -> u64 {
+    [&report.upload, &report.download]
+        .into_iter()
+        .flatten()
+        .map(|s| s.conflicts.total())
+        .sum()
+}
+
 fn lww() -> SessionOptions {
     SessionOptions {
         policy: ConflictPolicy::LastWriterWins,
@@ -155,11 +164,7 @@ fn scenario_19_edits_of_different_fields_merge_and_the_same_field_is_one_conflic
     assert_eq!(a.detect_full()?.updated, 1);
     assert_eq!(b.detect_full()?.updated, 1);
     let (report, _, _) = a.sync_with(&mut b, &lww(), &mut NoObserver)?;
-    let conflicts: u64 = [&report.upload, &report.download]
-        .into_iter()
-        .flatten()
-        .map(|s| s.conflicts.total())
-        .sum();
+    let conflicts = conflicts_of(&report);
     assert_eq!(conflicts, 0);
     let both = rows(&mut *stores.sqlite()?)?;
     assert_eq!(both["1"], ("Ada Lovelace".to_string(), "999".to_string()));
@@ -179,11 +184,7 @@ fn scenario_19_edits_of_different_fields_merge_and_the_same_field_is_one_conflic
     a.detect_full()?;
     b.detect_full()?;
     let (report, _, _) = a.sync_with(&mut b, &lww(), &mut NoObserver)?;
-    let conflicts: u64 = [&report.upload, &report.download]
-        .into_iter()
-        .flatten()
-        .map(|s| s.conflicts.total())
-        .sum();
+    let conflicts = conflicts_of(&report);
     assert_eq!(conflicts, 1);
     let both = rows(&mut *stores.sqlite()?)?;
     let (name, phone) = &both["2"];

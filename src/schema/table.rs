@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use crate::metadata::{Commit, MetadataStore};
 use crate::model::ItemId;
-use crate::stores::{Datasource, Replica, Row, RowOutcome, StoreError, Value};
+use crate::stores::{Datasource, Replica, Row, RowOutcome, SledItems, StoreError, Value};
 use crate::sync::{
     ItemStore, NoObserver, SessionOptions, SessionStats, SyncObserver, SyncReport, SystemClock,
 };
@@ -196,19 +196,20 @@ fn same_value(a: &Value, b: &Value) -> bool {
 
 // ---- the item store -------------------------------------------------------------------
 
-/// Keeps unit data in the item record (like the built-in store) and, while a sync
-/// runs, marks every row whose units it writes as pending for the datasource.
+/// The built-in store (unit data in the item record) that, while a sync runs, also
+/// marks every row whose units it writes as pending for the datasource.
 struct RowUnits {
+    inner: SledItems,
     recording: Arc<AtomicBool>,
 }
 
 impl ItemStore for RowUnits {
     fn data_in_record(&self) -> bool {
-        true
+        self.inner.data_in_record()
     }
 
     fn read(&self, metadata: &MetadataStore, item: &ItemId) -> Result<Option<Vec<u8>>, String> {
-        metadata.data(item).map_err(|e| e.to_string())
+        self.inner.read(metadata, item)
     }
 
     fn stage(
@@ -217,10 +218,7 @@ impl ItemStore for RowUnits {
         item: &ItemId,
         data: Option<&[u8]>,
     ) -> Result<(), String> {
-        match data {
-            Some(data) => commit.put_data(item, data),
-            None => commit.remove_data(item),
-        }
+        self.inner.stage(commit, item, data)?;
         if self.recording.load(Ordering::SeqCst) {
             let (prefix, _) = split_unit(item.as_bytes())
                 .ok_or_else(|| format!("item {item} is not a row unit"))?;
@@ -264,6 +262,7 @@ impl TableReplica {
         };
         let recording = Arc::new(AtomicBool::new(false));
         let units = RowUnits {
+            inner: SledItems,
             recording: Arc::clone(&recording),
         };
         let replica = Replica::with_parts(metadata, Box::new(units), Arc::new(SystemClock));
