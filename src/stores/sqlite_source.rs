@@ -447,30 +447,13 @@ impl Datasource for SqliteSource {
         let table = self.table(entity)?;
         table.check_key(&self.name, key)?;
         let unique = table.key_is_unique(key);
-        let mut outcomes = Vec::with_capacity(rows.len());
-        let run = |conn: &mut Connection, outcomes: &mut Vec<RowOutcome>| -> rusqlite::Result<()> {
-            let mut tx = conn.transaction()?;
-            for row in rows {
-                if let Err(reason) = table.check_row(key, row) {
-                    outcomes.push(RowOutcome::Refused { reason });
-                    continue;
-                }
-                let savepoint = tx.savepoint()?;
-                match upsert_row(&savepoint, &table, key, row, unique) {
-                    Ok(()) => {
-                        savepoint.commit()?;
-                        outcomes.push(RowOutcome::Written);
-                    }
-                    // Dropping the savepoint rolls the row back.
-                    Err(e) => match refusal(&e) {
-                        Some(reason) => outcomes.push(RowOutcome::Refused { reason }),
-                        None => return Err(e),
-                    },
-                }
+        let outcomes = per_row(&mut self.conn, rows, |savepoint, row| {
+            if let Err(reason) = table.check_row(key, row) {
+                return Ok(Err(reason));
             }
-            tx.commit()
-        };
-        run(&mut self.conn, &mut outcomes).map_err(|e| self.failed(entity, e))?;
+            upsert_row(savepoint, &table, key, row, unique).map(Ok)
+        })
+        .map_err(|e| self.failed(entity, e))?;
         Ok(outcomes)
     }
 
@@ -487,40 +470,54 @@ impl Datasource for SqliteSource {
             quote(&table.name),
             Table::key_condition(key)
         );
-        let mut outcomes = Vec::with_capacity(keys.len());
-        let run = |conn: &mut Connection, outcomes: &mut Vec<RowOutcome>| -> rusqlite::Result<()> {
-            let mut tx = conn.transaction()?;
-            for row in keys {
-                // Fields other than the key's are ignored, as the file datasources do.
-                let key_only: Row = row
-                    .iter()
-                    .filter(|(field, _)| key.contains(field))
-                    .map(|(f, v)| (f.clone(), v.clone()))
-                    .collect();
-                if let Err(reason) = table.check_row(key, &key_only) {
-                    outcomes.push(RowOutcome::Refused { reason });
-                    continue;
-                }
-                let savepoint = tx.savepoint()?;
-                let params = key.iter().map(|k| bind(&key_only[k]));
-                let result = savepoint
-                    .prepare_cached(&sql)
-                    .and_then(|mut stmt| stmt.execute(params_from_iter(params)));
-                match result {
-                    Ok(_) => {
-                        savepoint.commit()?;
-                        outcomes.push(RowOutcome::Written);
-                    }
-                    // A foreign key or a trigger may refuse a deletion.
-                    Err(e) => match refusal(&e) {
-                        Some(reason) => outcomes.push(RowOutcome::Refused { reason }),
-                        None => return Err(e),
-                    },
-                }
+        // A foreign key or a trigger may refuse a deletion, like a constraint an upsert.
+        let outcomes = per_row(&mut self.conn, keys, |savepoint, row| {
+            // Fields other than the key's are ignored, as the file datasources do.
+            let key_only: Row = row
+                .iter()
+                .filter(|(field, _)| key.contains(field))
+                .map(|(f, v)| (f.clone(), v.clone()))
+                .collect();
+            if let Err(reason) = table.check_row(key, &key_only) {
+                return Ok(Err(reason));
             }
-            tx.commit()
-        };
-        run(&mut self.conn, &mut outcomes).map_err(|e| self.failed(entity, e))?;
+            let params = key.iter().map(|k| bind(&key_only[k]));
+            savepoint
+                .prepare_cached(&sql)
+                .and_then(|mut stmt| stmt.execute(params_from_iter(params)))
+                .map(|_| Ok(()))
+        })
+        .map_err(|e| self.failed(entity, e))?;
         Ok(outcomes)
     }
+}
+
+/// Writes each item in one transaction, each under a savepoint of its own: an item the
+/// store refuses (a constraint, a type check: see `refusal`), or that `write` refuses
+/// before writing (`Ok(Err(reason))`), rolls back alone and is reported; any other
+/// error rolls back the whole call.
+fn per_row<T>(
+    conn: &mut Connection,
+    items: &[T],
+    mut write: impl FnMut(&rusqlite::Savepoint<'_>, &T) -> rusqlite::Result<Result<(), String>>,
+) -> rusqlite::Result<Vec<RowOutcome>> {
+    let mut outcomes = Vec::with_capacity(items.len());
+    let mut tx = conn.transaction()?;
+    for item in items {
+        let savepoint = tx.savepoint()?;
+        match write(&savepoint, item) {
+            Ok(Ok(())) => {
+                savepoint.commit()?;
+                outcomes.push(RowOutcome::Written);
+            }
+            // Dropping the savepoint rolls the item back.
+            Ok(Err(reason)) => outcomes.push(RowOutcome::Refused { reason }),
+            Err(e) => match refusal(&e) {
+                Some(reason) => outcomes.push(RowOutcome::Refused { reason }),
+                None => return Err(e),
+            },
+        }
+    }
+    tx.commit()?;
+    Ok(outcomes)
 }
