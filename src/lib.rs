@@ -26,15 +26,17 @@ pub use model::{
     MAX_ITEM_ID_LEN, MAX_REPLICAS_PER_VECTOR,
 };
 pub use schema::{
-    automap, run_schema, validate, ApplyReport, AutoMap, ConflictRule, DatasourceKind, Datasources,
-    DetectReport, Detection, Endpoint, Filter, FilterValue, Mapping, OnMissing, Operator,
-    Projection, RowFailure, RunReport, RunStatus, SchemaError, SchemaSet, SyncDirection,
-    SyncSchema, SyncType, TableReplica, Transform, TransformError, UnitError, UnitRule,
+    automap, run_schema, sync as sync_schema, validate, Anchor, ApplyReport, AutoMap, ConflictRule,
+    ConflictType, DatasourceKind, Datasources, DetectMode, DetectReport, Detection, Endpoint,
+    Filter, FilterValue, History, Mapping, OnMissing, Operator, Projection, RowConflict, RowError,
+    RowFailure, RunPhase, RunProgress, RunRecord, RunReport, RunStatus, SchemaError, SchemaSet,
+    SyncDirection, SyncManager, SyncSchema, SyncType, TableReplica, Transform, TransformError,
+    UnitError, UnitRule, Winner, DEFAULT_RETENTION,
 };
 pub use stores::{
     CsvSource, Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, GcReport,
-    JsonlSource, Replica, ReplicaStatus, Row, RowOutcome, SledItems, SqliteSource, StoreError,
-    Take, Value,
+    JsonlSource, Replica, ReplicaStatus, Row, RowOutcome, SledItems, SledSource, SqliteSource,
+    StoreError, Take, TrackingAnchor, Value,
 };
 pub use sync::{
     apply_batch, change_batch, classify, last_writer_wins, resolve_saved_conflict, run_session,

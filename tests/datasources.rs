@@ -1,5 +1,5 @@
 //! The datasource contract (src/stores/datasource.rs), checked once for every store: the
-//! same test runs against CSV, JSON Lines and SQLite, each seeded with the same tiny
+//! same test runs against CSV, JSON Lines, SQLite and sled, each seeded with the same tiny
 //! data in its own native format (written by hand, not by the store under test), so a
 //! store's reader is checked against files it did not write.
 //!
@@ -15,7 +15,7 @@ use std::path::Path;
 use common::TestResult;
 use knit::{
     CsvSource, Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, JsonlSource, Row,
-    RowOutcome, SqliteSource, Value,
+    RowOutcome, SledSource, SqliteSource, Value,
 };
 use tempfile::TempDir;
 
@@ -24,6 +24,7 @@ enum Kind {
     Csv,
     Jsonl,
     Sqlite,
+    Sled,
 }
 
 /// A seeded store and the folder that holds it.
@@ -67,6 +68,7 @@ fn seed_files(dir: &Path, kind: Kind) -> std::io::Result<()> {
             )
         }
         Kind::Sqlite => unreachable!("SQLite is seeded through SQL"),
+        Kind::Sled => unreachable!("sled is seeded through raw sled writes"),
     }
 }
 
@@ -89,6 +91,132 @@ fn seed_sqlite(path: &Path) -> rusqlite::Result<()> {
     )
 }
 
+/// A row value laid out as src/stores/sled_source.rs documents it (the variant order is
+/// the format), so the sled fixture is written without the store's own encoder.
+#[derive(serde::Serialize)]
+#[allow(
+    dead_code,
+    reason = "the variants the fixture does not write keep the others' indices"
+)]
+enum SledValue {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+/// A row record: format byte 1, then the bincode list of (field, value) pairs.
+fn sled_record(fields: &[(&str, SledValue)]) -> Result<Vec<u8>, bincode::error::EncodeError> {
+    let mut record = vec![1];
+    record.extend(bincode::serde::encode_to_vec(
+        fields,
+        bincode::config::standard(),
+    )?);
+    Ok(record)
+}
+
+/// An int key value: big-endian with the sign bit flipped.
+fn sled_int(i: i64) -> Vec<u8> {
+    let mut bytes = i.to_be_bytes();
+    bytes[0] ^= 0x80;
+    bytes.to_vec()
+}
+
+/// A text key value: its bytes, then 0x00 0x00 (the fixture's texts hold no NUL, which
+/// would be escaped as 0x00 0xFF).
+fn sled_text(s: &str) -> Vec<u8> {
+    [s.as_bytes(), &[0, 0]].concat()
+}
+
+fn sled_field(name: &str, field_type: FieldType, nullable: bool) -> FieldInfo {
+    FieldInfo {
+        name: name.to_string(),
+        field_type,
+        nullable,
+    }
+}
+
+/// `people` as the sled fixture declares it (the same as the SQLite table).
+fn sled_people() -> Vec<FieldInfo> {
+    vec![
+        sled_field("id", FieldType::Int, false),
+        sled_field("name", FieldType::Text, false),
+        sled_field("age", FieldType::Int, true),
+    ]
+}
+
+/// A raw sled record under its key, as a tree of the fixture holds it.
+type SledEntry = (Vec<u8>, Vec<u8>);
+
+/// Writes each tree's records with raw sled writes, then opens the folder with the store
+/// and declares `people` (and `visits` when it was written) through `create_entity`,
+/// the store's one way to declare an entity.
+fn sled_seeded(
+    path: &Path,
+    trees: &[(&str, Vec<SledEntry>)],
+) -> Result<SledSource, Box<dyn std::error::Error>> {
+    // `::sled`: the contract's `mod sled` below shadows the crate's name.
+    let db = ::sled::open(path)?;
+    for (entity, records) in trees {
+        let tree = db.open_tree(format!("entity:{entity}"))?;
+        for (key, record) in records {
+            tree.insert(key.as_slice(), record.as_slice())?;
+        }
+    }
+    db.flush()?;
+    drop(db);
+    let mut store = SledSource::open(NAME, path)?;
+    store.create_entity("people", &sled_people(), &keys(&["id"]))?;
+    if trees.iter().any(|(entity, _)| *entity == "visits") {
+        let visits = [
+            sled_field("person_id", FieldType::Int, false),
+            sled_field("day", FieldType::Text, false),
+            sled_field("note", FieldType::Text, true),
+        ];
+        store.create_entity("visits", &visits, &keys(&["person_id", "day"]))?;
+    }
+    Ok(store)
+}
+
+fn sled_person(
+    id: i64,
+    name: &str,
+    age: Option<i64>,
+) -> Result<SledEntry, bincode::error::EncodeError> {
+    let mut fields = vec![
+        ("id", SledValue::Int(id)),
+        ("name", SledValue::Text(name.into())),
+    ];
+    // Grace's record leaves `age` out altogether: a missing nullable field reads as null.
+    if let Some(age) = age {
+        fields.push(("age", SledValue::Int(age)));
+    }
+    Ok((sled_int(id), sled_record(&fields)?))
+}
+
+fn seed_sled(path: &Path) -> Result<SledSource, Box<dyn std::error::Error>> {
+    let people = vec![
+        sled_person(1, "Ada", Some(36))?,
+        sled_person(2, "Alan", Some(41))?,
+        sled_person(3, "Grace", None)?,
+    ];
+    let mut visits = Vec::new();
+    for (person_id, day, note) in [
+        (1, "mon", "first"),
+        (1, "tue", "second"),
+        (2, "mon", "third"),
+    ] {
+        let record = sled_record(&[
+            ("person_id", SledValue::Int(person_id)),
+            ("day", SledValue::Text(day.into())),
+            ("note", SledValue::Text(note.into())),
+        ])?;
+        visits.push(([sled_int(person_id), sled_text(day)].concat(), record));
+    }
+    sled_seeded(path, &[("people", people), ("visits", visits)])
+}
+
 fn fixture(kind: Kind) -> Result<Fixture, Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let store: Box<dyn Datasource> = match kind {
@@ -105,6 +233,7 @@ fn fixture(kind: Kind) -> Result<Fixture, Box<dyn std::error::Error>> {
             seed_sqlite(&path)?;
             Box::new(SqliteSource::open(NAME, &path)?)
         }
+        Kind::Sled => Box::new(seed_sled(&dir.path().join("db.sled"))?),
     };
     Ok(Fixture { kind, dir, store })
 }
@@ -418,6 +547,8 @@ fn describe_lists_fields_and_types(kind: Kind) -> TestResult {
             field("name", FieldType::Text, false),
             field("age", FieldType::Int, true),
         ],
+        // sled reads its declaration back, exactly.
+        Kind::Sled => sled_people(),
     };
     let expected = EntityInfo {
         name: "people".into(),
@@ -522,8 +653,8 @@ macro_rules! for_each_store {
     };
 }
 
-/// `every store:` tests run against all three stores; `file stores:` tests only against
-/// CSV and JSON Lines, since SQLite has no files to rewrite or to find malformed.
+/// `every store:` tests run against every store; `file stores:` tests only against CSV
+/// and JSON Lines, since SQLite and sled have no files to rewrite or to find malformed.
 macro_rules! contract {
     (every store: $($test:ident),* $(,)?; file stores: $($file_test:ident),* $(,)?) => {
         mod csv {
@@ -537,6 +668,10 @@ macro_rules! contract {
         mod sqlite {
             use super::TestResult;
             for_each_store!(Sqlite: $($test),*);
+        }
+        mod sled {
+            use super::TestResult;
+            for_each_store!(Sled: $($test),*);
         }
     };
 }
@@ -606,6 +741,9 @@ fn malformed_file_is_bad_row_naming_the_line(kind: Kind) -> TestResult {
     let cases: Vec<(&str, &[u8], u64, &str)> = match kind {
         Kind::Sqlite => {
             unreachable!("SQLite has no files; see sqlite_blob_is_bad_row_naming_the_row")
+        }
+        Kind::Sled => {
+            unreachable!("sled has no files; see sled_damaged_row_is_bad_row_naming_its_position")
         }
         Kind::Csv => vec![
             ("ragged", b"id,name\n1,Ada\n2,Alan,extra\n", 3, "3 fields"),
@@ -864,5 +1002,336 @@ fn file_stores_refuse_a_folder_that_does_not_exist() -> TestResult {
         JsonlSource::open(NAME, &missing),
         Err(DatasourceError::Unavailable { .. })
     ));
+    Ok(())
+}
+
+// sled's own rules (src/stores/sled_source.rs).
+
+fn sled_store() -> Result<(TempDir, SledSource), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let store = seed_sled(&dir.path().join("db.sled"))?;
+    Ok((dir, store))
+}
+
+fn readings() -> Vec<FieldInfo> {
+    vec![
+        sled_field("id", FieldType::Int, false),
+        sled_field("at", FieldType::Float, true),
+        sled_field("ok", FieldType::Bool, true),
+        sled_field("label", FieldType::Text, true),
+    ]
+}
+
+fn unsupported_what(result: Result<(), DatasourceError>) -> String {
+    match result {
+        Err(DatasourceError::Unsupported { what, .. }) => what,
+        other => format!("expected Unsupported, got {other:?}"),
+    }
+}
+
+#[test]
+fn sled_describe_is_the_declaration_and_redeclaring_it_is_a_no_op() -> TestResult {
+    let (_dir, mut store) = sled_store()?;
+    let id = keys(&["id"]);
+    store.create_entity("readings", &readings(), &id)?;
+    let expected = EntityInfo {
+        name: "readings".into(),
+        fields: readings(),
+    };
+    assert_eq!(store.describe("readings")?, expected);
+    assert_eq!(store.entities()?, ["people", "readings", "visits"]);
+    store.create_entity("readings", &readings(), &id)?;
+    let mut other = readings();
+    other[3].nullable = false;
+    let what = unsupported_what(store.create_entity("readings", &other, &id));
+    assert!(what.contains("second declaration"), "{what}");
+    assert_eq!(store.describe("readings")?, expected);
+    let what = unsupported_what(store.create_entity("loose", &readings(), &keys(&["at"])));
+    assert!(what.contains("nullable key field \"at\""), "{what}");
+    match store.create_entity("loose", &readings(), &keys(&["nope"])) {
+        Err(DatasourceError::NoSuchField { field, .. }) => assert_eq!(field, "nope"),
+        other => panic!("expected NoSuchField, got {other:?}"),
+    }
+    assert_eq!(store.entities()?, ["people", "readings", "visits"]);
+    Ok(())
+}
+
+#[test]
+fn sled_values_fit_their_declared_types_or_are_refused() -> TestResult {
+    let (_dir, mut store) = sled_store()?;
+    let id = keys(&["id"]);
+    store.create_entity("readings", &readings(), &id)?;
+    let row = |fields: &[(&str, Value)]| -> Row {
+        fields
+            .iter()
+            .map(|(f, v)| (f.to_string(), v.clone()))
+            .collect()
+    };
+    let rows = [
+        // An int goes into a float field that holds it exactly, any value into text.
+        row(&[("id", Value::Int(1)), ("at", Value::Int(2))]),
+        row(&[
+            ("id", Value::Int(2)),
+            ("ok", Value::Bool(true)),
+            ("label", Value::Int(7)),
+        ]),
+        row(&[("id", Value::Int(3)), ("at", Value::Int((1 << 53) + 1))]),
+        row(&[("id", Value::Int(4)), ("ok", text("true"))]),
+        row(&[("id", text("5"))]),
+        row(&[("id", Value::Int(6)), ("at", Value::Float(f64::NAN))]),
+    ];
+    let outcomes = store.upsert("readings", &id, &rows)?;
+    let reasons: Vec<Option<&str>> = outcomes.iter().map(refused_reason).collect();
+    assert_eq!((reasons[0], reasons[1], reasons[5]), (None, None, None));
+    assert!(
+        reasons[2].is_some_and(|r| r.contains("\"at\"")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[3].is_some_and(|r| r.contains("\"ok\"") && r.contains("bool")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[4].is_some_and(|r| r.contains("\"id\"")),
+        "{reasons:?}"
+    );
+    let mut read = Vec::new();
+    store.scan("readings", &mut |r| {
+        read.push(r);
+        Ok(())
+    })?;
+    assert_eq!(read.len(), 3);
+    assert_eq!(read[0]["at"], Value::Float(2.0));
+    assert_eq!(read[1]["label"], text("7"));
+    assert!(matches!(read[2]["at"], Value::Float(f) if f.is_nan()));
+    // NOT NULL holds for an insert that leaves the field out and for an update that
+    // clears it; text that looks like a number is still text.
+    let rows = [
+        row(&[("id", Value::Int(7)), ("age", Value::Int(1))]),
+        row(&[("id", Value::Int(1)), ("name", Value::Null)]),
+        row(&[("id", Value::Int(1)), ("age", text("36"))]),
+    ];
+    let outcomes = store.upsert("people", &id, &rows)?;
+    for (outcome, words) in outcomes.iter().zip(["\"name\"", "\"name\"", "\"age\""]) {
+        assert!(
+            refused_reason(outcome).is_some_and(|r| r.contains(words)),
+            "{outcomes:?}"
+        );
+    }
+    let mut people = 0;
+    store.scan("people", &mut |_| {
+        people += 1;
+        Ok(())
+    })?;
+    assert_eq!(people, 3);
+    Ok(())
+}
+
+#[test]
+fn sled_rows_come_in_key_order_and_survive_reopening() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("db.sled");
+    let mut fx = Fixture {
+        kind: Kind::Sled,
+        store: Box::new(seed_sled(&path)?),
+        dir,
+    };
+    let rows = [
+        fx.person(10, "Ten", None),
+        fx.person(-5, "Minus", None),
+        fx.person(0, "Zero", None),
+    ];
+    assert_eq!(fx.upsert("people", &["id"], &rows)?, written(3));
+    // Days whose order a naive encoding gets wrong: a prefix, and an embedded NUL.
+    let days = ["b", "ab", "a\u{0}", "a"];
+    let rows: Vec<Row> = days.iter().map(|d| fx.visit(-1, d, "n")).collect();
+    assert_eq!(
+        fx.upsert("visits", &["person_id", "day"], &rows)?,
+        written(4)
+    );
+    let scanned = |fx: &mut Fixture| -> Result<(Vec<Value>, Vec<Value>), DatasourceError> {
+        let ids = fx.rows_in_scan_order("people")?;
+        let visits = fx.rows_in_scan_order("visits")?;
+        Ok((
+            ids.into_iter().map(|r| r["id"].clone()).collect(),
+            visits
+                .into_iter()
+                .map(|r| r["day"].clone())
+                .take(4)
+                .collect(),
+        ))
+    };
+    let expected = (
+        [-5, 0, 1, 2, 3, 10].map(Value::Int).to_vec(),
+        ["a", "a\u{0}", "ab", "b"].map(text).to_vec(),
+    );
+    assert_eq!(scanned(&mut fx)?, expected);
+    // Each call flushed: a new handle, opened once the first is gone, reads the same.
+    let Fixture { kind, dir, store } = fx;
+    drop(store);
+    let mut fx = Fixture {
+        kind,
+        dir,
+        store: Box::new(SledSource::open(NAME, &path)?),
+    };
+    assert_eq!(scanned(&mut fx)?, expected);
+    Ok(())
+}
+
+#[test]
+fn sled_key_other_than_the_declared_one_is_unsupported_and_read_keys_looks_up() -> TestResult {
+    let (_dir, mut store) = sled_store()?;
+    let row: Row = [("name".to_string(), text("Ada"))].into();
+    let what = unsupported_what(
+        store
+            .upsert("people", &keys(&["name"]), std::slice::from_ref(&row))
+            .map(|_| ()),
+    );
+    assert!(what.contains("(name)") && what.contains("(id)"), "{what}");
+    let id = |v: Value| -> Row { [("id".to_string(), v)].into() };
+    let wanted = [
+        id(Value::Int(3)),
+        id(Value::Int(1)),
+        id(Value::Int(1)),
+        id(Value::Int(99)),
+        id(text("x")),
+        Row::new(),
+    ];
+    let mut found = Vec::new();
+    store.read_keys("people", &keys(&["id"]), &wanted, &mut |r| {
+        found.push(r["name"].clone());
+        Ok(())
+    })?;
+    assert_eq!(found, [text("Ada"), text("Grace")]);
+    Ok(())
+}
+
+#[test]
+fn sled_damaged_row_is_bad_row_naming_its_position() -> TestResult {
+    let good = |id| sled_person(id, "Ok", None);
+    let record = |fields: &[(&str, SledValue)]| sled_record(fields);
+    let mut trailing = record(&[
+        ("id", SledValue::Int(2)),
+        ("name", SledValue::Text("B".into())),
+    ])?;
+    trailing.push(0);
+    let mut other_format = good(2)?.1;
+    other_format[0] = 9;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("garbage", vec![1, 0xFF, 0xFF, 0xFF], "does not decode"),
+        ("empty", Vec::new(), "empty record"),
+        ("format", other_format, "format 9"),
+        ("trailing", trailing, "1 trailing bytes"),
+        (
+            "type",
+            record(&[("id", SledValue::Int(2)), ("name", SledValue::Int(7))])?,
+            "\"name\" holds a value of type int",
+        ),
+        (
+            "undeclared",
+            record(&[
+                ("id", SledValue::Int(2)),
+                ("name", SledValue::Text("B".into())),
+                ("nickname", SledValue::Null),
+            ])?,
+            "\"nickname\"",
+        ),
+        (
+            "not null",
+            record(&[("id", SledValue::Int(2))])?,
+            "\"name\" is NOT NULL",
+        ),
+        ("misfiled", good(5)?.1, "key"),
+    ];
+    for (case, bad, words) in cases {
+        let dir = tempfile::tempdir()?;
+        let rows = vec![good(1)?, (sled_int(2), bad), good(3)?];
+        let mut store = sled_seeded(&dir.path().join("db.sled"), &[("people", rows)])?;
+        let id = keys(&["id"]);
+        let two: Row = [("id".to_string(), Value::Int(2))].into();
+        let mut seen = 0;
+        let results = [
+            store.scan("people", &mut |_| {
+                seen += 1;
+                Ok(())
+            }),
+            store
+                .upsert("people", &id, std::slice::from_ref(&two))
+                .map(|_| ()),
+            store.read_keys("people", &id, std::slice::from_ref(&two), &mut |_| Ok(())),
+        ];
+        // The scan stopped at the damaged row, after visiting the one before it.
+        assert_eq!(seen, 1, "{case}");
+        for result in results {
+            match result {
+                Err(DatasourceError::BadRow {
+                    datasource,
+                    entity,
+                    line,
+                    reason,
+                }) => {
+                    assert_eq!(
+                        (datasource.as_str(), entity.as_str(), line),
+                        (NAME, "people", 2)
+                    );
+                    assert!(reason.contains(words), "{case}: {reason}");
+                }
+                other => panic!("{case}: expected BadRow, got {other:?}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn sled_open_never_creates_a_database() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let missing = dir.path().join("missing");
+    match SledSource::open(NAME, &missing) {
+        Err(DatasourceError::Unavailable { datasource, reason }) => {
+            assert_eq!(datasource, NAME);
+            assert!(reason.contains("missing"), "{reason}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(!missing.exists());
+    // A folder that exists but holds no database is no empty source either.
+    assert!(matches!(
+        SledSource::open(NAME, dir.path()),
+        Err(DatasourceError::Unavailable { .. })
+    ));
+    assert_eq!(fs::read_dir(dir.path())?.count(), 0);
+    let path = dir.path().join("new");
+    let mut store = SledSource::create(NAME, &path)?;
+    assert_eq!(store.entities()?, Vec::<String>::new());
+    drop(store);
+    match SledSource::create(NAME, &path) {
+        Err(DatasourceError::Unavailable { reason, .. }) => {
+            assert!(reason.contains("already holds"), "{reason}")
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    let mut store = SledSource::open(NAME, &path)?;
+    assert_eq!(store.entities()?, Vec::<String>::new());
+    Ok(())
+}
+
+#[test]
+fn sled_second_handle_is_refused_not_left_waiting() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("db.sled");
+    let first = SledSource::create(NAME, &path)?;
+    let started = std::time::Instant::now();
+    match SledSource::open(NAME, &path) {
+        Err(DatasourceError::Unavailable { datasource, reason }) => {
+            assert_eq!(datasource, NAME);
+            assert!(reason.contains("in use"), "{reason}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    // Once the first handle is gone, the folder opens again.
+    drop(first);
+    SledSource::open(NAME, &path)?;
     Ok(())
 }

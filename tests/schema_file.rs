@@ -15,11 +15,7 @@ use knit::{
 use proptest::prelude::*;
 
 fn endpoint(datasource: &str, entity: &str, key: &[&str]) -> Endpoint {
-    Endpoint {
-        datasource: datasource.into(),
-        entity: entity.into(),
-        key: key.iter().map(|k| k.to_string()).collect(),
-    }
+    Endpoint::new(datasource, entity, key)
 }
 
 /// A schema with every feature: SPLIT, JOIN, DATE and INT transforms, filters with
@@ -491,13 +487,22 @@ fn timestamp() -> impl Strategy<Value = String> {
 
 fn schema() -> impl Strategy<Value = SyncSchema> {
     let endpoint = || {
-        (name(), name(), prop::collection::vec(name(), 1..3)).prop_map(
-            |(datasource, entity, key)| Endpoint {
-                datasource,
-                entity,
-                key,
-            },
+        (
+            name(),
+            name(),
+            prop::collection::vec(name(), 1..3),
+            prop::option::of(name()),
+            prop::option::of(name()),
         )
+            .prop_map(
+                |(datasource, entity, key, modified_at, deleted_field)| Endpoint {
+                    datasource,
+                    entity,
+                    key,
+                    modified_at,
+                    deleted_field,
+                },
+            )
     };
     let enums = (
         prop::sample::select(vec![SyncType::Full, SyncType::Incremental]),
@@ -528,6 +533,7 @@ fn schema() -> impl Strategy<Value = SyncSchema> {
         prop::option::of(any::<u32>()),
         prop::option::of(timestamp()),
         text(),
+        (1u32..=10_000, any::<u32>()),
     );
     (
         name(),
@@ -541,7 +547,14 @@ fn schema() -> impl Strategy<Value = SyncSchema> {
         .prop_map(
             |(id, source, destination, mappings, filters, enums, knobs)| {
                 let (sync_type, direction, conflict, status, soft_delete) = enums;
-                let (allow_mass_delete, threshold, max_errors, last_sync, status_message) = knobs;
+                let (
+                    allow_mass_delete,
+                    threshold,
+                    max_errors,
+                    last_sync,
+                    status_message,
+                    (batch_size, lookback),
+                ) = knobs;
                 SyncSchema {
                     id,
                     source,
@@ -556,6 +569,8 @@ fn schema() -> impl Strategy<Value = SyncSchema> {
                     allow_mass_delete,
                     mass_delete_threshold_percent: threshold,
                     max_errors,
+                    batch_size,
+                    lookback: u64::from(lookback),
                     last_sync,
                     status,
                     status_message,

@@ -53,16 +53,8 @@ impl Setup {
     fn schema(&self) -> SyncSchema {
         let mut schema = SyncSchema::new(
             "customers",
-            Endpoint {
-                datasource: "shop".into(),
-                entity: "customers".into(),
-                key: vec!["id".into()],
-            },
-            Endpoint {
-                datasource: "export".into(),
-                entity: "customers".into(),
-                key: vec!["customer_id".into()],
-            },
+            Endpoint::new("shop", "customers", &["id"]),
+            Endpoint::new("export", "customers", &["customer_id"]),
         );
         schema.mappings = vec![
             Mapping::new("id", "customer_id", None),
@@ -221,10 +213,20 @@ fn an_invalid_schema_fails_with_every_problem_and_touches_nothing() -> TestResul
     schema.mappings.push(Mapping::new("emial", "mail", None));
     let report = setup.run(&schema);
     assert_eq!(report.status, RunStatus::Failed);
-    let all = report.errors.join("\n");
+    let all = report
+        .errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
     assert!(all.contains("emial") && all.contains("email"), "{all}");
     assert_eq!(setup.csv_rows()?, 0);
-    assert!(!setup.path("state").exists(), "no metadata was created");
+    let folder = setup.path("state").join("customers");
+    assert!(!folder.join("source").exists() && !folder.join("destination").exists());
+    // The failed run is in the history all the same.
+    let history = knit::History::new(&setup.path("state"), 10).list("customers")?;
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].status, "failed");
     Ok(())
 }
 

@@ -322,16 +322,8 @@ fn a_schema_maps_splits_converts_and_filters_rows_on_their_way() -> TestResult {
     )?;
     let mut schema = SyncSchema::new(
         "contacts",
-        Endpoint {
-            datasource: "shop".into(),
-            entity: "people".into(),
-            key: vec!["id".into()],
-        },
-        Endpoint {
-            datasource: "export".into(),
-            entity: "contacts".into(),
-            key: vec!["customer_id".into()],
-        },
+        Endpoint::new("shop", "people", &["id"]),
+        Endpoint::new("export", "contacts", &["customer_id"]),
     );
     schema.mappings = vec![
         Mapping::new(

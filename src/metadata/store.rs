@@ -22,6 +22,7 @@ const PREFIX_INDEX: u8 = 0x11;
 const PREFIX_CONFLICT: u8 = 0x13;
 const PREFIX_PEER: u8 = 0x14;
 const PREFIX_PENDING: u8 = 0x15;
+const PREFIX_OWNER: u8 = 0x16;
 
 fn prefixed(prefix: u8, id: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(id.len() + 1);
@@ -358,6 +359,12 @@ impl MetadataStore {
         Ok(out)
     }
 
+    /// The record the store's owner keeps under `name` (see `Commit::set_owner_record`).
+    pub fn owner_record(&self, name: &[u8]) -> Result<Option<Vec<u8>>, MetadataError> {
+        self.get(&prefixed(PREFIX_OWNER, name))
+            .map(|v| v.map(|bytes| bytes.to_vec()))
+    }
+
     /// Items whose current version was made by `replica` after tick `after`.
     pub fn items_changed_by(
         &self,
@@ -651,6 +658,12 @@ impl Commit {
         self.batch.insert(prefixed(PREFIX_PENDING, what), &[][..]);
     }
 
+    /// Keeps an opaque record for the store's owner (a datasource's change-detection
+    /// anchor, say) that must move atomically with the versions it accounts for.
+    pub fn set_owner_record(&mut self, name: &[u8], value: &[u8]) {
+        self.batch.insert(prefixed(PREFIX_OWNER, name), value);
+    }
+
     /// Removes a pending-apply marker once the external write is done.
     pub fn clear_pending(&mut self, what: &[u8]) {
         self.batch.remove(prefixed(PREFIX_PENDING, what));
@@ -742,6 +755,7 @@ fn describe_key(key: &[u8]) -> String {
         Some(&PREFIX_CONFLICT) => format!("saved conflict of {:?}", show(&key[1..])),
         Some(&PREFIX_PEER) => "peer epoch record".into(),
         Some(&PREFIX_PENDING) => "pending-apply marker".into(),
+        Some(&PREFIX_OWNER) => "owner record".into(),
         _ => format!("{key:?}"),
     }
 }

@@ -8,11 +8,15 @@
 //! conflict = "source_wins"           # source_wins | destination_wins | last_writer_wins | manual
 //! on_missing = "soft_delete"         # delete | soft_delete
 //! soft_delete_field = "is_deleted"
+//! batch_size = 1000                  # rows per batch
+//! lookback = 300                     # incremental reads reach this far back
 //!
 //! [schema.source]
 //! datasource = "crm"
 //! entity = "customers"
 //! key = ["id"]
+//! modified_at = "updated_at"         # incremental without triggers (deletes need full)
+//! deleted_field = "deleted_at"       # a tombstone column: set means deleted
 //!
 //! [[schema.mappings]]
 //! source = "full_name"               # or a list, with transform = 'JOIN(" ")'
@@ -76,6 +80,10 @@ struct RawSchema {
     mass_delete_threshold_percent: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_errors: Option<i64>,
+    #[serde(default = "default_batch_size")]
+    batch_size: i64,
+    #[serde(default = "default_lookback")]
+    lookback: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_sync: Option<String>,
     #[serde(default = "default_status")]
@@ -105,6 +113,12 @@ fn default_on_missing() -> String {
 fn default_threshold() -> i64 {
     10
 }
+fn default_batch_size() -> i64 {
+    i64::from(super::model::DEFAULT_BATCH_SIZE)
+}
+fn default_lookback() -> i64 {
+    super::model::DEFAULT_LOOKBACK as i64
+}
 fn default_status() -> String {
     "never".into()
 }
@@ -115,6 +129,10 @@ struct RawEndpoint {
     datasource: String,
     entity: String,
     key: OneOrMany,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    modified_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    deleted_field: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -274,6 +292,10 @@ impl SchemaSet {
     }
 }
 
+/// The most rows one batch may hold: each row is several change units, and a batch
+/// holds at most `MAX_CHANGES_PER_BATCH` of them.
+pub const MAX_BATCH_ROWS: u32 = 10_000;
+
 fn parse_strict(text: &str, file: &str) -> Result<SchemaSet, SchemaError> {
     let (set, problems) = parse_lenient(text, file)?;
     if problems.is_empty() {
@@ -359,16 +381,15 @@ fn named<T: Named>(
 }
 
 fn from_raw(raw: RawSchema, label: &str, problems: &mut Vec<SchemaError>) -> SyncSchema {
-    let source = Endpoint {
-        datasource: raw.source.datasource,
-        entity: raw.source.entity,
-        key: raw.source.key.into_vec(),
+    let endpoint = |raw: RawEndpoint| Endpoint {
+        datasource: raw.datasource,
+        entity: raw.entity,
+        key: raw.key.into_vec(),
+        modified_at: raw.modified_at,
+        deleted_field: raw.deleted_field,
     };
-    let destination = Endpoint {
-        datasource: raw.destination.datasource,
-        entity: raw.destination.entity,
-        key: raw.destination.key.into_vec(),
-    };
+    let source = endpoint(raw.source);
+    let destination = endpoint(raw.destination);
     let mut schema = SyncSchema::new(&raw.id, source, destination);
     schema.sync_type = named(
         &raw.sync_type,
@@ -443,6 +464,24 @@ fn from_raw(raw: RawSchema, label: &str, problems: &mut Vec<SchemaError>) -> Syn
             "max_errors",
             raw.max_errors.unwrap_or_default().to_string(),
             "a count from 0 to 4294967295 (leave it out for no limit)",
+            None,
+        ),
+    }
+    match u32::try_from(raw.batch_size) {
+        Ok(n) if (1..=MAX_BATCH_ROWS).contains(&n) => schema.batch_size = n,
+        _ => invalid(
+            "batch_size",
+            raw.batch_size.to_string(),
+            &format!("rows per batch, from 1 to {MAX_BATCH_ROWS}"),
+            None,
+        ),
+    }
+    match u64::try_from(raw.lookback) {
+        Ok(n) => schema.lookback = n,
+        Err(_) => invalid(
+            "lookback",
+            raw.lookback.to_string(),
+            "a duration in seconds (or the modified-at column's units), 0 or more",
             None,
         ),
     }
@@ -529,6 +568,8 @@ fn to_raw(schema: &SyncSchema) -> Result<RawSchema, SchemaError> {
         datasource: e.datasource.clone(),
         entity: e.entity.clone(),
         key: OneOrMany::Many(e.key.clone()),
+        modified_at: e.modified_at.clone(),
+        deleted_field: e.deleted_field.clone(),
     };
     let (on_missing, soft_delete_field) = match &schema.on_missing {
         OnMissing::Delete => ("delete", None),
@@ -572,6 +613,8 @@ fn to_raw(schema: &SyncSchema) -> Result<RawSchema, SchemaError> {
         allow_mass_delete: schema.allow_mass_delete,
         mass_delete_threshold_percent: i64::from(schema.mass_delete_threshold_percent),
         max_errors: schema.max_errors.map(i64::from),
+        batch_size: i64::from(schema.batch_size),
+        lookback: i64::try_from(schema.lookback).unwrap_or(i64::MAX),
         last_sync: schema.last_sync.clone(),
         status: schema.status.name().into(),
         status_message: schema.status_message.clone(),

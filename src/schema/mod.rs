@@ -32,6 +32,8 @@
 mod automap;
 mod file;
 mod filter;
+mod history;
+mod manager;
 mod model;
 mod projection;
 mod run;
@@ -39,18 +41,25 @@ mod suggest;
 mod table;
 mod transform;
 mod validate;
+mod watermark;
 
 pub use automap::{automap, AutoMap};
 pub use filter::{Filter, FilterValue, Operator};
+pub use history::{History, RunRecord, DEFAULT_RETENTION};
+pub use manager::SyncManager;
 pub use model::{
     ConflictRule, Endpoint, Mapping, OnMissing, RunStatus, SchemaSet, SyncDirection, SyncSchema,
     SyncType,
 };
 pub use projection::{Projection, UnitError, UnitRule};
-pub use run::{run_schema, DatasourceKind, Datasources, RunReport};
-pub use table::{ApplyReport, DetectReport, Detection, RowFailure, TableReplica};
+pub use run::{
+    run_schema, sync, ConflictType, DatasourceKind, Datasources, RowConflict, RowError, RunPhase,
+    RunProgress, RunReport, Winner,
+};
+pub use table::{ApplyReport, DetectMode, DetectReport, Detection, RowFailure, TableReplica};
 pub use transform::{Transform, TransformError};
 pub use validate::validate;
+pub use watermark::Anchor;
 
 use thiserror::Error;
 

@@ -6,13 +6,32 @@
 use super::{Filter, Transform};
 
 /// One side of a schema: an entity of a named datasource and its key fields.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Endpoint {
     pub datasource: String,
     pub entity: String,
     /// The fields that identify a row, in order; the source's `key[i]` corresponds to
     /// the destination's `key[i]`.
     pub key: Vec<String>,
+    /// For Incremental runs: a field the store sets whenever it writes a row (a
+    /// timestamp or a counter). Without it, Incremental uses the store's triggers.
+    /// A modified-at column cannot see deletes: those need a Full run.
+    pub modified_at: Option<String>,
+    /// A field whose non-null, non-false value marks a row deleted (a tombstone column
+    /// such as `deleted_at`): such a row counts as absent when this side is read, and a
+    /// delete synced into this side sets the field instead of removing the row.
+    pub deleted_field: Option<String>,
+}
+
+impl Endpoint {
+    pub fn new(datasource: &str, entity: &str, key: &[&str]) -> Endpoint {
+        Endpoint {
+            datasource: datasource.to_string(),
+            entity: entity.to_string(),
+            key: key.iter().map(|k| k.to_string()).collect(),
+            ..Endpoint::default()
+        }
+    }
 }
 
 /// Source field(s) → destination field. Several source fields need a `JOIN` transform.
@@ -85,6 +104,12 @@ pub enum RunStatus {
     Interrupted,
 }
 
+/// Rows per batch when a schema does not say.
+pub const DEFAULT_BATCH_SIZE: u32 = 1000;
+/// Incremental lookback when a schema does not say (seconds: longer than any writing
+/// transaction is expected to last).
+pub const DEFAULT_LOOKBACK: u64 = 300;
+
 /// One schema: a pair of entities kept in step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SyncSchema {
@@ -107,6 +132,14 @@ pub struct SyncSchema {
     pub mass_delete_threshold_percent: u8,
     /// A run stops once more rows than this have failed; `None` is no limit.
     pub max_errors: Option<u32>,
+    /// Rows per batch: a cancelled run stops between batches, and every committed
+    /// batch is in the destination.
+    pub batch_size: u32,
+    /// How far back an Incremental read reaches before its watermark, to catch writes
+    /// that committed after the last read although they were stamped before it: in
+    /// seconds for trigger tracking and timestamp columns, in the column's own units
+    /// for a numeric modified-at column. Rows read twice are compared, not re-sent.
+    pub lookback: u64,
     /// When the last run ended, UTC, as `YYYY-MM-DDTHH:MM:SSZ` (fraction allowed).
     pub last_sync: Option<String>,
     pub status: RunStatus,
@@ -116,7 +149,7 @@ pub struct SyncSchema {
 impl SyncSchema {
     /// A schema with the defaults a file may leave out: Full, source to destination,
     /// source wins, missing rows deleted, mass deletes above 10 % refused, no error
-    /// limit, never run.
+    /// limit, batches of 1,000 rows, a 300 s lookback, never run.
     pub fn new(id: &str, source: Endpoint, destination: Endpoint) -> SyncSchema {
         SyncSchema {
             id: id.to_string(),
@@ -131,6 +164,8 @@ impl SyncSchema {
             allow_mass_delete: false,
             mass_delete_threshold_percent: 10,
             max_errors: None,
+            batch_size: DEFAULT_BATCH_SIZE,
+            lookback: DEFAULT_LOOKBACK,
             last_sync: None,
             status: RunStatus::Never,
             status_message: String::new(),

@@ -25,12 +25,29 @@ use std::sync::Arc;
 
 use crate::metadata::{Commit, MetadataStore};
 use crate::model::ItemId;
-use crate::stores::{Datasource, Replica, Row, RowOutcome, SledItems, StoreError, Value};
+use crate::stores::{
+    Datasource, FieldType, Replica, Row, RowOutcome, SledItems, StoreError, Value,
+};
 use crate::sync::{
     ItemStore, NoObserver, SessionOptions, SessionStats, SyncObserver, SyncReport, SystemClock,
 };
 
+use super::watermark::{lower_bound, utc_now_text, Anchor};
 use super::{Projection, SchemaError};
+
+/// The owner record that holds this side's Incremental anchor.
+const ANCHOR_RECORD: &[u8] = b"detect-anchor";
+
+/// How a detection finds what changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DetectMode {
+    /// Read every row; rows that vanished become tombstones.
+    Full,
+    /// Read only rows changed since the stored anchor, reaching `lookback` further
+    /// back (see [`crate::schema::SyncSchema::lookback`]). The first Incremental
+    /// detection of a side has no anchor and reads everything.
+    Incremental { lookback: u64 },
+}
 
 /// A row that could not be read as units: its key, the field at fault and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +75,31 @@ pub struct DetectReport {
 pub struct Detection {
     pub report: DetectReport,
     changes: Vec<(ItemId, Option<Vec<u8>>)>,
+    /// The anchor to store with the changes (`None`: keep the stored one).
+    anchor: Option<Anchor>,
+    /// The anchor the detection started from, for the run's report.
+    pub anchor_before: Option<String>,
+    /// The anchor after commit (the stored one when this detection sets none).
+    pub anchor_after: Option<String>,
+}
+
+impl Detection {
+    /// The value each changed unit will have (`None`: deleted), by item.
+    pub fn changed_units(&self) -> impl Iterator<Item = (&ItemId, Option<&[u8]>)> {
+        self.changes.iter().map(|(id, data)| (id, data.as_deref()))
+    }
+}
+
+/// What the rows read so far by a detection have turned into.
+struct Findings {
+    report: DetectReport,
+    changes: Vec<(ItemId, Option<Vec<u8>>)>,
+    /// Row prefixes already settled (read, found absent, or pending): the Full sweep
+    /// leaves them alone.
+    settled: BTreeSet<Vec<u8>>,
+    /// Rows whose write into the datasource is still pending: the datasource does
+    /// not show their units yet, so reading them now would mistake that for a change.
+    pending: BTreeSet<Vec<u8>>,
 }
 
 /// What writing synced rows into the datasource did.
@@ -95,7 +137,7 @@ pub(crate) fn row_prefix(key: &[Value]) -> Vec<u8> {
 }
 
 /// The key values (as text) of a row prefix.
-fn key_of_prefix(prefix: &[u8]) -> Vec<String> {
+pub(crate) fn key_of_prefix(prefix: &[u8]) -> Vec<String> {
     let mut parts = Vec::new();
     let mut part = Vec::new();
     let mut i = 0;
@@ -121,7 +163,7 @@ fn key_of_prefix(prefix: &[u8]) -> Vec<String> {
 }
 
 /// Splits a unit id into its row prefix and unit name.
-fn split_unit(id: &[u8]) -> Option<(&[u8], &[u8])> {
+pub(crate) fn split_unit(id: &[u8]) -> Option<(&[u8], &[u8])> {
     let mut i = 0;
     while i + 1 < id.len() {
         match (id[i], id[i + 1]) {
@@ -201,6 +243,7 @@ fn same_value(a: &Value, b: &Value) -> bool {
 struct RowUnits {
     inner: SledItems,
     recording: Arc<AtomicBool>,
+    staged: Arc<std::sync::Mutex<StagedRows>>,
 }
 
 impl ItemStore for RowUnits {
@@ -223,6 +266,13 @@ impl ItemStore for RowUnits {
             let (prefix, _) = split_unit(item.as_bytes())
                 .ok_or_else(|| format!("item {item} is not a row unit"))?;
             commit.mark_pending(prefix);
+            // Units arrive in id order, so a row's units are adjacent.
+            if let Ok(mut staged) = self.staged.lock() {
+                if staged.last != prefix {
+                    staged.last = prefix.to_vec();
+                    staged.count += 1;
+                }
+            }
         }
         Ok(())
     }
@@ -240,6 +290,76 @@ pub struct TableReplica {
     key: Vec<String>,
     projection: Projection,
     recording: Arc<AtomicBool>,
+    /// Row prefixes staged by the current session, in order (for progress).
+    staged: Arc<std::sync::Mutex<StagedRows>>,
+    modified_at: Option<String>,
+    soft_delete: Option<SoftDelete>,
+    /// What the apply at open (the retry of pending rows) did.
+    recovered: ApplyReport,
+}
+
+/// A tombstone column: the value that marks a row deleted and the one that clears it.
+#[derive(Clone, Debug)]
+struct SoftDelete {
+    field: String,
+    field_type: FieldType,
+}
+
+impl SoftDelete {
+    fn deleted_value(&self) -> Value {
+        match self.field_type {
+            FieldType::Bool => Value::Bool(true),
+            FieldType::Int => Value::Int(1),
+            FieldType::Float => Value::Float(1.0),
+            FieldType::Text => Value::Text(utc_now_text()),
+        }
+    }
+
+    fn live_value(&self) -> Value {
+        match self.field_type {
+            FieldType::Bool => Value::Bool(false),
+            FieldType::Int => Value::Int(0),
+            FieldType::Float => Value::Float(0.0),
+            FieldType::Text => Value::Null,
+        }
+    }
+}
+
+/// Whether a tombstone column's value marks its row deleted.
+fn marks_deleted(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Int(i) => *i != 0,
+        Value::Float(x) => *x != 0.0,
+        Value::Text(t) => {
+            let t = t.trim().to_ascii_lowercase();
+            !matches!(t.as_str(), "" | "0" | "false" | "f" | "no" | "n")
+        }
+    }
+}
+
+/// A row as one side holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RowState {
+    pub(crate) live: bool,
+    pub(crate) latest: crate::model::Hlc,
+}
+
+/// Reads the staged-row count of a table replica while a session holds it.
+pub(crate) struct StagedCounter(Arc<std::sync::Mutex<StagedRows>>);
+
+impl StagedCounter {
+    pub(crate) fn count(&self) -> u64 {
+        self.0.lock().map_or(0, |s| s.count)
+    }
+}
+
+/// The distinct rows a session has staged so far.
+#[derive(Debug, Default)]
+pub(crate) struct StagedRows {
+    last: Vec<u8>,
+    pub(crate) count: u64,
 }
 
 impl TableReplica {
@@ -253,6 +373,38 @@ impl TableReplica {
         key: &[String],
         projection: Projection,
     ) -> Result<Self, SchemaError> {
+        Self::open_with(state_dir, datasource, entity, key, projection, None, None)
+    }
+
+    /// `open`, with the side's modified-at column (for Incremental reads) and tombstone
+    /// column (a row whose value there marks it deleted counts as absent, and a delete
+    /// synced into this side sets it instead of removing the row).
+    pub fn open_with(
+        state_dir: &Path,
+        mut datasource: Box<dyn Datasource>,
+        entity: &str,
+        key: &[String],
+        projection: Projection,
+        modified_at: Option<String>,
+        deleted_field: Option<String>,
+    ) -> Result<Self, SchemaError> {
+        let soft_delete = match deleted_field {
+            None => None,
+            Some(field) => {
+                let info = datasource.describe(entity)?;
+                let field_type =
+                    info.field(&field)
+                        .map(|f| f.field_type)
+                        .ok_or_else(|| SchemaError::Table {
+                            reason: format!(
+                                "datasource {}, entity {entity}: the tombstone field {field:?} \
+                             does not exist",
+                                datasource.name()
+                            ),
+                        })?;
+                Some(SoftDelete { field, field_type })
+            }
+        };
         let metadata = match MetadataStore::open(state_dir) {
             Ok(m) => m,
             Err(crate::metadata::MetadataError::NotAReplica { .. }) => {
@@ -261,9 +413,11 @@ impl TableReplica {
             Err(e) => return Err(StoreError::from(e).into()),
         };
         let recording = Arc::new(AtomicBool::new(false));
+        let staged = Arc::new(std::sync::Mutex::new(StagedRows::default()));
         let units = RowUnits {
             inner: SledItems,
             recording: Arc::clone(&recording),
+            staged: Arc::clone(&staged),
         };
         let replica = Replica::with_parts(metadata, Box::new(units), Arc::new(SystemClock));
         let mut table = Self {
@@ -273,13 +427,132 @@ impl TableReplica {
             key: key.to_vec(),
             projection,
             recording,
+            staged,
+            modified_at,
+            soft_delete,
+            recovered: ApplyReport::default(),
         };
-        table.apply_pending()?;
+        table.recovered = table.apply_pending()?;
         Ok(table)
     }
 
     pub fn replica(&mut self) -> &mut Replica {
         &mut self.replica
+    }
+
+    /// The datasource's name, as the configuration calls it.
+    pub fn datasource_name(&self) -> &str {
+        self.datasource.name()
+    }
+
+    /// What the apply at open (rows left pending by an earlier run) did.
+    pub fn recovered(&self) -> &ApplyReport {
+        &self.recovered
+    }
+
+    /// Whether this side's store can install triggers for Incremental reads.
+    pub fn supports_tracking(&self) -> bool {
+        self.datasource.supports_tracking()
+    }
+
+    pub(crate) fn reset_staged_rows(&self) {
+        if let Ok(mut s) = self.staged.lock() {
+            *s = StagedRows::default();
+        }
+    }
+
+    /// A handle on the count of rows staged by the current session, readable while
+    /// the session holds the replica.
+    pub(crate) fn staged_counter(&self) -> StagedCounter {
+        StagedCounter(Arc::clone(&self.staged))
+    }
+
+    /// The units this side holds in versions `other` does not know: what a session
+    /// from this side to `other` would send. Costs what changed, not what is stored.
+    pub fn changes_unknown_to(&self, other: &TableReplica) -> Result<Vec<ItemId>, SchemaError> {
+        let known = other.replica.metadata().knowledge();
+        Ok(self
+            .replica
+            .metadata()
+            .changes_unknown_to(&known)
+            .map_err(StoreError::from)?)
+    }
+
+    /// The current value of each unit (`None`: deleted or absent).
+    pub(crate) fn unit_values(
+        &self,
+        items: &[ItemId],
+    ) -> Result<std::collections::HashMap<ItemId, Option<Value>>, SchemaError> {
+        let mut out = std::collections::HashMap::with_capacity(items.len());
+        for item in items {
+            // A row-existence unit holds no value.
+            if split_unit(item.as_bytes()).is_none_or(|(_, unit)| unit.is_empty()) {
+                continue;
+            }
+            let value = self
+                .replica
+                .metadata()
+                .item_record(item)
+                .map_err(StoreError::from)?
+                .filter(|(m, _)| !m.deleted)
+                .and_then(|(_, data)| data)
+                .map(|d| decode_value(&d))
+                .transpose()
+                .map_err(|reason| SchemaError::Table { reason })?;
+            out.insert(item.clone(), value);
+        }
+        Ok(out)
+    }
+
+    /// Whether the row is live here and when any of its units last changed; `None`
+    /// when this side holds nothing of it.
+    pub(crate) fn row_state(&self, prefix: &[u8]) -> Result<Option<RowState>, SchemaError> {
+        let mut state: Option<RowState> = None;
+        for entry in self.replica.metadata().items_from(prefix) {
+            let (id, meta) = entry.map_err(StoreError::from)?;
+            match split_unit(id.as_bytes()) {
+                Some((of, unit)) if of == prefix => {
+                    let s = state.get_or_insert(RowState {
+                        live: false,
+                        latest: meta.timestamp,
+                    });
+                    s.latest = s.latest.max(meta.timestamp);
+                    if unit.is_empty() {
+                        s.live = !meta.deleted;
+                    }
+                }
+                _ => break,
+            }
+        }
+        Ok(state)
+    }
+
+    /// Gives every live unit of a row a fresh local version with its current value, so
+    /// that the whole row is newer than, and concurrent with, whatever the other side
+    /// did to it.
+    pub(crate) fn restamp_row(&mut self, prefix: &[u8]) -> Result<(), SchemaError> {
+        let mut changes = Vec::new();
+        for entry in self.replica.metadata().items_from(prefix) {
+            let (id, meta) = entry.map_err(StoreError::from)?;
+            match split_unit(id.as_bytes()) {
+                Some((of, _)) if of == prefix => {
+                    if !meta.deleted {
+                        let data = self
+                            .replica
+                            .metadata()
+                            .data(&id)
+                            .map_err(StoreError::from)?
+                            .unwrap_or_default();
+                        changes.push((id, Some(data)));
+                    }
+                }
+                _ => break,
+            }
+        }
+        self.replica
+            .apply_local(&changes)
+            .map_err(SchemaError::from)?;
+        Ok(())
     }
 
     /// Full change detection: reads every row and turns what differs from the units
@@ -289,13 +562,146 @@ impl TableReplica {
         self.commit_changes(detection)
     }
 
-    /// The first half of a detection: what changed, committed to nothing yet, so a
-    /// caller can refuse it (a mass delete from a source that read back empty).
+    /// The first half of a Full detection: what changed, committed to nothing yet, so
+    /// a caller can refuse it (a mass delete from a source that read back empty).
     pub fn scan_changes(&mut self) -> Result<Detection, SchemaError> {
-        let mut report = DetectReport::default();
-        let mut seen: BTreeSet<Vec<u8>> = BTreeSet::new();
-        let mut changes: Vec<(ItemId, Option<Vec<u8>>)> = Vec::new();
-        let metadata = self.replica.metadata();
+        self.detect_changes(DetectMode::Full)
+    }
+
+    /// The first half of a detection in `mode`.
+    pub fn detect_changes(&mut self, mode: DetectMode) -> Result<Detection, SchemaError> {
+        let pending: BTreeSet<Vec<u8>> = self
+            .replica
+            .metadata()
+            .pending()
+            .map_err(StoreError::from)?
+            .into_iter()
+            .collect();
+        let mut found = Findings {
+            report: DetectReport::default(),
+            changes: Vec::new(),
+            settled: pending.clone(),
+            pending,
+        };
+        let stored = self.stored_anchor()?;
+        let anchor_before = stored.as_ref().map(ToString::to_string);
+        let anchor = match (mode, stored) {
+            (DetectMode::Full, _) => {
+                self.read_all(&mut found, false)?;
+                None
+            }
+            (DetectMode::Incremental { .. }, None) => {
+                // No anchor yet: read everything, taking the anchor first so that what
+                // changes during the read is read again next time.
+                let tracking = match self.modified_at {
+                    None => {
+                        self.datasource.install_tracking(&self.entity, &self.key)?;
+                        Some(self.datasource.tracking_anchor(&self.entity)?)
+                    }
+                    Some(_) => None,
+                };
+                let highest = self.read_all(&mut found, true)?;
+                match tracking {
+                    Some(t) => Some(Anchor::Tracking(t)),
+                    None => highest.map(Anchor::ModifiedAt),
+                }
+            }
+            (DetectMode::Incremental { lookback }, Some(Anchor::Tracking(since))) => {
+                let mut keys: Vec<Row> = Vec::new();
+                let mut wanted: BTreeSet<Vec<u8>> = BTreeSet::new();
+                let key = self.key.clone();
+                let next = self.datasource.tracked_changes(
+                    &self.entity,
+                    &key,
+                    since,
+                    i64::try_from(lookback.saturating_mul(1000)).unwrap_or(i64::MAX),
+                    &mut |row| {
+                        let values: Vec<Value> = key
+                            .iter()
+                            .map(|k| row.get(k).cloned().unwrap_or(Value::Null))
+                            .collect();
+                        if wanted.insert(row_prefix(&values)) {
+                            keys.push(row);
+                        }
+                        Ok(())
+                    },
+                )?;
+                let mut rows = Vec::new();
+                self.datasource
+                    .read_keys(&self.entity, &self.key, &keys, &mut |row| {
+                        rows.push(row);
+                        Ok(())
+                    })?;
+                for row in rows {
+                    self.consider_row(row, &mut found)?;
+                }
+                // A tracked key whose row is gone was deleted.
+                for prefix in wanted {
+                    if !found.settled.contains(&prefix) {
+                        self.remove_row(&prefix, &mut found)?;
+                    }
+                }
+                Some(Anchor::Tracking(next))
+            }
+            (DetectMode::Incremental { lookback }, Some(Anchor::ModifiedAt(watermark))) => {
+                let column = self.modified_at.clone().ok_or_else(|| SchemaError::Table {
+                    reason: format!(
+                        "entity {}: the stored anchor is a modified-at watermark but the \
+                         schema names no modified_at column; run Full once",
+                        self.entity
+                    ),
+                })?;
+                let lower = lower_bound(&watermark, lookback);
+                let mut rows = Vec::new();
+                self.datasource
+                    .scan_since(&self.entity, &column, &lower, &mut |row| {
+                        rows.push(row);
+                        Ok(())
+                    })?;
+                let mut highest = Some(watermark);
+                for row in rows {
+                    if let Some(v) = row.get(&column) {
+                        highest = Anchor::max_value(highest, v);
+                    }
+                    self.consider_row(row, &mut found)?;
+                }
+                highest.map(Anchor::ModifiedAt)
+            }
+        };
+        let anchor_after = anchor
+            .as_ref()
+            .map(ToString::to_string)
+            .or_else(|| anchor_before.clone());
+        Ok(Detection {
+            report: found.report,
+            changes: found.changes,
+            anchor,
+            anchor_before,
+            anchor_after,
+        })
+    }
+
+    fn stored_anchor(&self) -> Result<Option<Anchor>, SchemaError> {
+        let bytes = self
+            .replica
+            .metadata()
+            .owner_record(ANCHOR_RECORD)
+            .map_err(StoreError::from)?;
+        bytes
+            .map(|b| Anchor::decode(&b))
+            .transpose()
+            .map_err(|reason| SchemaError::Table {
+                reason: format!("entity {}: {reason}", self.entity),
+            })
+    }
+
+    /// Reads every row; rows the replica holds that were not read become tombstones.
+    /// Returns the highest modified-at value read when `watch` is set.
+    fn read_all(
+        &mut self,
+        found: &mut Findings,
+        watch: bool,
+    ) -> Result<Option<Value>, SchemaError> {
         let mut rows: Vec<Row> = Vec::new();
         self.datasource
             .scan(&self.entity, &mut |row| {
@@ -303,91 +709,142 @@ impl TableReplica {
                 Ok(())
             })
             .map_err(SchemaError::from)?;
+        let mut highest = None;
         for row in rows {
-            report.rows_read += 1;
-            let key_values: Vec<Value> = self
-                .key
-                .iter()
-                .map(|k| row.get(k).cloned().unwrap_or(Value::Null))
-                .collect();
-            let key_text: Vec<String> = key_values.iter().map(Value::to_text).collect();
-            if let Some(missing) = self.key.iter().zip(&key_values).find(|(_, v)| v.is_null()) {
-                report.failed.push(RowFailure {
-                    key: key_text,
-                    field: missing.0.clone(),
-                    reason: "a key field is empty".into(),
-                });
-                continue;
-            }
-            let prefix = row_prefix(&key_values);
-            if !self.projection.matches(&row) {
-                // Absent as far as sync goes: its units, if any, are deleted below.
-                report.filtered += 1;
-                continue;
-            }
-            seen.insert(prefix.clone());
-            let units = match self.projection.read(&row) {
-                Ok(units) => units,
-                Err(e) => {
-                    report.failed.push(RowFailure {
-                        key: key_text,
-                        field: e.field,
-                        reason: e.reason,
-                    });
-                    continue;
-                }
-            };
-            let exists = unit_id(&prefix, "")?;
-            let is_new = metadata
-                .item(&exists)
-                .map_err(StoreError::from)?
-                .is_none_or(|m| m.deleted);
-            if is_new {
-                changes.push((exists, Some(Vec::new())));
-            }
-            let mut changed = false;
-            for (unit, value) in units {
-                let id = unit_id(&prefix, &unit)?;
-                let stored = metadata
-                    .item_record(&id)
-                    .map_err(StoreError::from)?
-                    .filter(|(m, _)| !m.deleted)
-                    .and_then(|(_, data)| data)
-                    .map(|d| decode_value(&d))
-                    .transpose()
-                    .map_err(|reason| SchemaError::Table { reason })?;
-                if stored.as_ref().is_none_or(|s| !same_value(s, &value)) {
-                    changes.push((id, Some(encode_value(&value))));
-                    changed = true;
+            if watch {
+                if let Some(v) = self.modified_at.as_ref().and_then(|c| row.get(c)) {
+                    highest = Anchor::max_value(highest, v);
                 }
             }
-            if is_new {
-                report.inserted += 1;
-            } else if changed {
-                report.updated += 1;
-            }
+            self.consider_row(row, found)?;
         }
         // Rows the replica holds that the datasource no longer has.
+        let metadata = self.replica.metadata();
         for entry in metadata.items_from(b"") {
             let (id, meta) = entry.map_err(StoreError::from)?;
             let Some((prefix, unit)) = split_unit(id.as_bytes()) else {
                 continue;
             };
-            if meta.deleted || seen.contains(prefix) {
+            if meta.deleted || found.settled.contains(prefix) {
                 continue;
             }
             if unit.is_empty() {
-                report.deleted += 1;
+                found.report.deleted += 1;
             }
-            changes.push((id, None));
+            found.changes.push((id, None));
         }
-        Ok(Detection { report, changes })
+        Ok(highest)
     }
 
-    /// The second half: the changes become local versions, in one commit.
+    /// Compares one row read from the datasource with its units.
+    fn consider_row(&mut self, row: Row, found: &mut Findings) -> Result<(), SchemaError> {
+        found.report.rows_read += 1;
+        let key_values: Vec<Value> = self
+            .key
+            .iter()
+            .map(|k| row.get(k).cloned().unwrap_or(Value::Null))
+            .collect();
+        let key_text: Vec<String> = key_values.iter().map(Value::to_text).collect();
+        if let Some(missing) = self.key.iter().zip(&key_values).find(|(_, v)| v.is_null()) {
+            found.report.failed.push(RowFailure {
+                key: key_text,
+                field: missing.0.clone(),
+                reason: "a key field is empty".into(),
+            });
+            return Ok(());
+        }
+        let prefix = row_prefix(&key_values);
+        if found.pending.contains(&prefix) || !found.settled.insert(prefix.clone()) {
+            return Ok(());
+        }
+        let soft_deleted = self
+            .soft_delete
+            .as_ref()
+            .and_then(|s| row.get(&s.field))
+            .is_some_and(marks_deleted);
+        if soft_deleted || !self.projection.matches(&row) {
+            // Absent as far as sync goes.
+            if !soft_deleted {
+                found.report.filtered += 1;
+            }
+            return self.remove_row(&prefix, found);
+        }
+        let units = match self.projection.read(&row) {
+            Ok(units) => units,
+            Err(e) => {
+                found.report.failed.push(RowFailure {
+                    key: key_text,
+                    field: e.field,
+                    reason: e.reason,
+                });
+                return Ok(());
+            }
+        };
+        let metadata = self.replica.metadata();
+        let exists = unit_id(&prefix, "")?;
+        let is_new = metadata
+            .item(&exists)
+            .map_err(StoreError::from)?
+            .is_none_or(|m| m.deleted);
+        if is_new {
+            found.changes.push((exists, Some(Vec::new())));
+        }
+        let mut changed = false;
+        for (unit, value) in units {
+            let id = unit_id(&prefix, &unit)?;
+            let stored = metadata
+                .item_record(&id)
+                .map_err(StoreError::from)?
+                .filter(|(m, _)| !m.deleted)
+                .and_then(|(_, data)| data)
+                .map(|d| decode_value(&d))
+                .transpose()
+                .map_err(|reason| SchemaError::Table { reason })?;
+            if stored.as_ref().is_none_or(|s| !same_value(s, &value)) {
+                found.changes.push((id, Some(encode_value(&value))));
+                changed = true;
+            }
+        }
+        if is_new {
+            found.report.inserted += 1;
+        } else if changed {
+            found.report.updated += 1;
+        }
+        Ok(())
+    }
+
+    /// Tombstones for every live unit of a row that is absent (gone, filtered out or
+    /// marked deleted).
+    fn remove_row(&mut self, prefix: &[u8], found: &mut Findings) -> Result<(), SchemaError> {
+        found.settled.insert(prefix.to_vec());
+        for entry in self.replica.metadata().items_from(prefix) {
+            let (id, meta) = entry.map_err(StoreError::from)?;
+            let Some((of, unit)) = split_unit(id.as_bytes()) else {
+                break;
+            };
+            if of != prefix {
+                break;
+            }
+            if meta.deleted {
+                continue;
+            }
+            if unit.is_empty() {
+                found.report.deleted += 1;
+            }
+            found.changes.push((id, None));
+        }
+        Ok(())
+    }
+
+    /// The second half: the changes become local versions, with the new anchor, in one
+    /// commit.
     pub fn commit_changes(&mut self, detection: Detection) -> Result<DetectReport, SchemaError> {
+        let encoded = detection.anchor.as_ref().map(Anchor::encode);
         self.replica
-            .apply_local(&detection.changes)
+            .apply_local_with_record(
+                &detection.changes,
+                encoded.as_deref().map(|a| (ANCHOR_RECORD, a)),
+            )
             .map_err(SchemaError::from)?;
         self.replica.flush().map_err(SchemaError::from)?;
         Ok(detection.report)
@@ -507,6 +964,12 @@ impl TableReplica {
                 Ok(row) => {
                     // Typed values from the units win over the prefix's key text.
                     key_row.extend(row);
+                    // A row that arrives revives one this side marked deleted.
+                    if let Some(soft) = &self.soft_delete {
+                        key_row
+                            .entry(soft.field.clone())
+                            .or_insert_with(|| soft.live_value());
+                    }
                     upserts.push((prefix.clone(), key_row));
                 }
                 Err(e) => report.refused.push((
@@ -535,14 +998,56 @@ impl TableReplica {
                 }
             }
         }
-        let outcomes = self
-            .datasource
-            .delete(
-                &self.entity,
-                &self.key,
-                &deletes.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
-            )
-            .map_err(SchemaError::from)?;
+        let outcomes = match &self.soft_delete {
+            None => self
+                .datasource
+                .delete(
+                    &self.entity,
+                    &self.key,
+                    &deletes.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
+                )
+                .map_err(SchemaError::from)?,
+            Some(soft) => {
+                // Mark the rows that exist; one that does not is already absent (an
+                // upsert would create a stub row holding only its key).
+                let keys: Vec<Row> = deletes.iter().map(|(_, r)| r.clone()).collect();
+                let mut present: BTreeSet<Vec<u8>> = BTreeSet::new();
+                let key = self.key.clone();
+                self.datasource
+                    .read_keys(&self.entity, &self.key, &keys, &mut |row| {
+                        let values: Vec<Value> = key
+                            .iter()
+                            .map(|k| row.get(k).cloned().unwrap_or(Value::Null))
+                            .collect();
+                        present.insert(row_prefix(&values));
+                        Ok(())
+                    })?;
+                let marked: Vec<Row> = deletes
+                    .iter()
+                    .filter(|(prefix, _)| present.contains(prefix))
+                    .map(|(_, r)| {
+                        let mut r = r.clone();
+                        r.insert(soft.field.clone(), soft.deleted_value());
+                        r
+                    })
+                    .collect();
+                let mut written = self
+                    .datasource
+                    .upsert(&self.entity, &self.key, &marked)
+                    .map_err(SchemaError::from)?
+                    .into_iter();
+                deletes
+                    .iter()
+                    .map(|(prefix, _)| {
+                        if present.contains(prefix) {
+                            written.next().unwrap_or(RowOutcome::Written)
+                        } else {
+                            RowOutcome::Written
+                        }
+                    })
+                    .collect()
+            }
+        };
         for ((prefix, row), outcome) in deletes.into_iter().zip(outcomes) {
             match outcome {
                 RowOutcome::Written => {

@@ -278,16 +278,8 @@ mod tests {
         );
         let mut schema = SyncSchema::new(
             "customers",
-            Endpoint {
-                datasource: "s".into(),
-                entity: "people".into(),
-                key: vec!["id".into()],
-            },
-            Endpoint {
-                datasource: "d".into(),
-                entity: "customers".into(),
-                key: vec!["customer_id".into()],
-            },
+            Endpoint::new("s", "people", &["id"]),
+            Endpoint::new("d", "customers", &["customer_id"]),
         );
         let split = |i| {
             Some(Transform::Split {

@@ -12,6 +12,11 @@
 //!   returns it in `RowOutcome::Refused` with the store's message and goes on with the
 //!   other rows.
 //! - Errors name the datasource, the entity and, where there is one, the field.
+//! - Change tracking (SQLite, PostgreSQL): `install_tracking` is idempotent and makes
+//!   every later insert, update and delete of the entity, by any writer, leave the row's
+//!   key in a tracking table with a growing sequence and the store's clock;
+//!   `tracked_changes` reads them back. Reading a key twice is harmless (the engine
+//!   compares values), missing one is not: that is why reads overlap by a lookback.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -132,6 +137,23 @@ pub enum DatasourceError {
     Unavailable { datasource: String, reason: String },
     #[error("datasource {datasource}: {reason}")]
     Io { datasource: String, reason: String },
+    #[error("datasource {datasource}, entity {entity}: this store has no {what}")]
+    Unsupported {
+        datasource: String,
+        entity: String,
+        what: String,
+    },
+}
+
+/// Where a read of a tracking table stopped: the highest sequence read, and the store's
+/// own clock (ms since the Unix epoch) when the read started. The next read takes
+/// every change after `sequence` and, to catch writers that took a sequence number
+/// before the read but committed after it, every change recorded within the lookback
+/// before `time_ms`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrackingAnchor {
+    pub sequence: i64,
+    pub time_ms: i64,
 }
 
 /// A store of rows, grouped in entities.
@@ -166,4 +188,112 @@ pub trait Datasource: Send {
         key: &[String],
         keys: &[Row],
     ) -> Result<Vec<RowOutcome>, DatasourceError>;
+
+    /// Whether this store can track changes (`install_tracking`, `tracked_changes`).
+    fn supports_tracking(&self) -> bool {
+        false
+    }
+
+    /// Creates, if absent, the tracking table and the triggers that record the key of
+    /// every row of `entity` inserted, updated or deleted from now on (an update that
+    /// changes the key records the old key and the new one).
+    fn install_tracking(&mut self, entity: &str, key: &[String]) -> Result<(), DatasourceError> {
+        let _ = key;
+        Err(self.no_tracking(entity))
+    }
+
+    /// Calls `visit` with the key (the `key` fields only) of every row changed after
+    /// `since.sequence`, or recorded at or after `since.time_ms - lookback_ms`, in
+    /// sequence order; a key may come more than once. Returns the anchor for the next
+    /// read. `since` = `TrackingAnchor::default()` reads every change recorded so far.
+    fn tracked_changes(
+        &mut self,
+        entity: &str,
+        key: &[String],
+        since: TrackingAnchor,
+        lookback_ms: i64,
+        visit: &mut dyn FnMut(Row) -> Result<(), DatasourceError>,
+    ) -> Result<TrackingAnchor, DatasourceError> {
+        let _ = (key, since, lookback_ms, visit);
+        Err(self.no_tracking(entity))
+    }
+
+    /// The anchor a read started now would return if it found nothing: a Full scan
+    /// takes it *before* reading, so changes made during the scan are read again.
+    fn tracking_anchor(&mut self, entity: &str) -> Result<TrackingAnchor, DatasourceError> {
+        Err(self.no_tracking(entity))
+    }
+
+    /// Calls `visit` for each row whose `key` fields equal one of `keys` (absent keys
+    /// are skipped). The default scans the entity; stores with indexes look rows up.
+    fn read_keys(
+        &mut self,
+        entity: &str,
+        key: &[String],
+        keys: &[Row],
+        visit: &mut dyn FnMut(Row) -> Result<(), DatasourceError>,
+    ) -> Result<(), DatasourceError> {
+        let wanted: std::collections::BTreeSet<Vec<String>> = keys
+            .iter()
+            .map(|k| {
+                key.iter()
+                    .map(|f| k.get(f).map(Value::to_text).unwrap_or_default())
+                    .collect()
+            })
+            .collect();
+        self.scan(entity, &mut |row| {
+            let k: Vec<String> = key
+                .iter()
+                .map(|f| row.get(f).map(Value::to_text).unwrap_or_default())
+                .collect();
+            if wanted.contains(&k) {
+                visit(row)
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    /// Calls `visit` for each row whose `column` is at or above `lower` (inclusive), the
+    /// read of a modified-at column. Values compare as numbers when both are numbers,
+    /// else as text. The default scans the entity; SQL stores ask the database.
+    fn scan_since(
+        &mut self,
+        entity: &str,
+        column: &str,
+        lower: &Value,
+        visit: &mut dyn FnMut(Row) -> Result<(), DatasourceError>,
+    ) -> Result<(), DatasourceError> {
+        let column = column.to_string();
+        let lower = lower.clone();
+        self.scan(entity, &mut |row| match row.get(&column) {
+            Some(v) if at_or_above(v, &lower) => visit(row),
+            _ => Ok(()),
+        })
+    }
+
+    /// The error of a store without change tracking.
+    fn no_tracking(&self, entity: &str) -> DatasourceError {
+        DatasourceError::Unsupported {
+            datasource: self.name().to_string(),
+            entity: entity.to_string(),
+            what: "change tracking (triggers); use sync_type = \"full\"".to_string(),
+        }
+    }
+}
+
+/// `value >= lower`, as numbers when both are numbers, else as text; null is never.
+pub fn at_or_above(value: &Value, lower: &Value) -> bool {
+    let number = |v: &Value| match v {
+        Value::Int(i) => Some(*i as f64),
+        Value::Float(f) => Some(*f),
+        _ => None,
+    };
+    if value.is_null() {
+        return false;
+    }
+    match (number(value), number(lower)) {
+        (Some(a), Some(b)) => a >= b,
+        _ => value.to_text() >= lower.to_text(),
+    }
 }

@@ -17,14 +17,17 @@ mod error;
 mod jsonl_source;
 mod replica;
 mod sled_items;
+mod sled_source;
 mod sqlite_source;
 
 pub use csv_source::CsvSource;
 pub use datasource::{
-    Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, Row, RowOutcome, Value,
+    at_or_above, Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, Row, RowOutcome,
+    TrackingAnchor, Value,
 };
 pub use error::StoreError;
 pub use jsonl_source::JsonlSource;
 pub use replica::{GcReport, Replica, ReplicaStatus, Take};
 pub use sled_items::SledItems;
+pub use sled_source::SledSource;
 pub use sqlite_source::SqliteSource;

@@ -171,8 +171,21 @@ impl Replica {
         &mut self,
         changes: &[(ItemId, Option<Vec<u8>>)],
     ) -> Result<Vec<Version>, StoreError> {
+        self.apply_local_with_record(changes, None)
+    }
+
+    /// `apply_local`, also setting an owner record (`Commit::set_owner_record`) in the
+    /// same commit: a change detection's anchor moves exactly when its changes land.
+    pub fn apply_local_with_record(
+        &mut self,
+        changes: &[(ItemId, Option<Vec<u8>>)],
+        record: Option<(&[u8], &[u8])>,
+    ) -> Result<Vec<Version>, StoreError> {
         let now = self.clock.now_ms();
         let mut commit = self.metadata.begin();
+        if let Some((name, value)) = record {
+            commit.set_owner_record(name, value);
+        }
         let mut versions = Vec::with_capacity(changes.len());
         // The same item twice in one call: the later change wins, on top of the earlier.
         let mut written: std::collections::HashMap<&ItemId, ItemMeta> = Default::default();
@@ -209,7 +222,7 @@ impl Replica {
             written.insert(item, meta);
             versions.push(version);
         }
-        if !versions.is_empty() {
+        if !versions.is_empty() || record.is_some() {
             self.metadata.commit(commit)?;
         }
         Ok(versions)
