@@ -35,8 +35,8 @@ pub use schema::{
 };
 pub use stores::{
     CsvSource, Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, GcReport,
-    JsonlSource, Replica, ReplicaStatus, Row, RowOutcome, SledItems, SledSource, SqliteSource,
-    StoreError, Take, TrackingAnchor, Value,
+    JsonlSource, PostgresSource, Replica, ReplicaStatus, Row, RowOutcome, SledItems, SledSource,
+    SqliteSource, StoreError, Take, TrackingAnchor, Value,
 };
 pub use sync::{
     apply_batch, change_batch, classify, last_writer_wins, resolve_saved_conflict, run_session,

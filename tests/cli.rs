@@ -381,7 +381,7 @@ fn rekey_continues_under_a_new_id() -> TestResult {
 fn demo_converges_and_leaves_three_equal_replicas() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let root = tmp.path().join("demo");
-    let run = knit(&["demo", s(&root)]).ok();
+    let run = knit(&["demo", "--engine", "--dir", s(&root)]).ok();
     assert!(
         run.stdout.contains("conflict on settings/theme"),
         "{}",
@@ -407,7 +407,7 @@ fn demo_converges_and_leaves_three_equal_replicas() -> TestResult {
         );
     }
     // A second demo in the same place refuses to overwrite the replicas.
-    knit(&["demo", s(&root)]).fails_with(2, s(&root.join("laptop")));
+    knit(&["demo", "--engine", "--dir", s(&root)]).fails_with(2, s(&root.join("laptop")));
     Ok(())
 }
 
@@ -415,7 +415,7 @@ fn demo_converges_and_leaves_three_equal_replicas() -> TestResult {
 fn demo_without_a_folder_makes_one_in_the_temp_dir() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let output = Command::new(env!("CARGO_BIN_EXE_knit"))
-        .arg("demo")
+        .args(["demo", "--engine"])
         .env("TMPDIR", tmp.path())
         .output()?;
     let run = Run::of(output).ok();

@@ -1,7 +1,10 @@
 //! The datasource contract (src/stores/datasource.rs), checked once for every store: the
-//! same test runs against CSV, JSON Lines, SQLite and sled, each seeded with the same tiny
-//! data in its own native format (written by hand, not by the store under test), so a
-//! store's reader is checked against files it did not write.
+//! same test runs against CSV, JSON Lines, SQLite, sled and PostgreSQL, each seeded with
+//! the same tiny data in its own native format (written by hand, not by the store under
+//! test), so a store's reader is checked against files it did not write.
+//!
+//! PostgreSQL tests need the server that scripts/test starts (`KNIT_TEST_PG`); each
+//! works in a fresh schema of its own, dropped at its end, so they run in parallel.
 //!
 //! Entities of every fixture:
 //! - `people`, key `id`: (1, Ada, 36), (2, Alan, 41), (3, Grace, no age).
@@ -14,8 +17,8 @@ use std::path::Path;
 
 use common::TestResult;
 use knit::{
-    CsvSource, Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, JsonlSource, Row,
-    RowOutcome, SledSource, SqliteSource, Value,
+    CsvSource, Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, JsonlSource,
+    PostgresSource, Row, RowOutcome, SledSource, SqliteSource, TrackingAnchor, Value,
 };
 use tempfile::TempDir;
 
@@ -25,6 +28,15 @@ enum Kind {
     Jsonl,
     Sqlite,
     Sled,
+    Postgres,
+}
+
+impl Kind {
+    /// Whether this store can be tested here: PostgreSQL needs a server (see
+    /// `common::pg_conninfo`, which says why a test is skipped).
+    fn available(self) -> bool {
+        self != Kind::Postgres || common::pg_conninfo().is_some()
+    }
 }
 
 /// A seeded store and the folder that holds it.
@@ -32,6 +44,8 @@ struct Fixture {
     kind: Kind,
     dir: TempDir,
     store: Box<dyn Datasource>,
+    /// PostgreSQL's schema; last, so that it is dropped after the store's connection.
+    schema: Option<PgSchema>,
 }
 
 const NAME: &str = "src";
@@ -69,7 +83,69 @@ fn seed_files(dir: &Path, kind: Kind) -> std::io::Result<()> {
         }
         Kind::Sqlite => unreachable!("SQLite is seeded through SQL"),
         Kind::Sled => unreachable!("sled is seeded through raw sled writes"),
+        Kind::Postgres => unreachable!("PostgreSQL is seeded through SQL"),
     }
+}
+
+/// A fresh PostgreSQL schema of one test, dropped when the test ends, passed or failed.
+struct PgSchema {
+    conninfo: String,
+    name: String,
+}
+
+impl PgSchema {
+    fn create() -> Result<Self, Box<dyn std::error::Error>> {
+        let conninfo = common::pg_conninfo().ok_or("KNIT_TEST_PG is not set")?;
+        let name = format!("knit_test_{}", uuid::Uuid::new_v4().simple());
+        ::postgres::Client::connect(&conninfo, ::postgres::NoTls)?
+            .batch_execute(&format!("CREATE SCHEMA \"{name}\""))?;
+        Ok(Self { conninfo, name })
+    }
+
+    /// A connection of its own whose unqualified names are the schema's.
+    fn client(&self) -> Result<::postgres::Client, Box<dyn std::error::Error>> {
+        let mut client = ::postgres::Client::connect(&self.conninfo, ::postgres::NoTls)?;
+        client.batch_execute(&format!("SET search_path TO \"{}\"", self.name))?;
+        Ok(client)
+    }
+
+    fn connect(&self) -> Result<PostgresSource, DatasourceError> {
+        PostgresSource::connect(NAME, &self.conninfo, Some(&self.name))
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let dropped = ::postgres::Client::connect(&self.conninfo, ::postgres::NoTls).and_then(
+            |mut client| {
+                client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name))
+            },
+        );
+        if let Err(e) = dropped {
+            eprintln!("could not drop test schema {}: {e}", self.name);
+        }
+    }
+}
+
+/// The fixture's tables in PostgreSQL, with types of several widths (int4, int2) that
+/// all read as `Int`.
+fn seed_postgres(schema: &PgSchema) -> Result<(), Box<dyn std::error::Error>> {
+    schema.client()?.batch_execute(
+        "CREATE TABLE people (
+             id integer PRIMARY KEY,
+             name text NOT NULL,
+             age smallint CHECK (age >= 0)
+         );
+         CREATE TABLE visits (
+             person_id integer NOT NULL,
+             day text NOT NULL,
+             note text,
+             PRIMARY KEY (person_id, day)
+         );
+         INSERT INTO people VALUES (1, 'Ada', 36), (2, 'Alan', 41), (3, 'Grace', NULL);
+         INSERT INTO visits VALUES (1, 'mon', 'first'), (1, 'tue', 'second'), (2, 'mon', 'third');",
+    )?;
+    Ok(())
 }
 
 fn seed_sqlite(path: &Path) -> rusqlite::Result<()> {
@@ -219,6 +295,7 @@ fn seed_sled(path: &Path) -> Result<SledSource, Box<dyn std::error::Error>> {
 
 fn fixture(kind: Kind) -> Result<Fixture, Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
+    let mut schema = None;
     let store: Box<dyn Datasource> = match kind {
         Kind::Csv => {
             seed_files(dir.path(), kind)?;
@@ -234,8 +311,20 @@ fn fixture(kind: Kind) -> Result<Fixture, Box<dyn std::error::Error>> {
             Box::new(SqliteSource::open(NAME, &path)?)
         }
         Kind::Sled => Box::new(seed_sled(&dir.path().join("db.sled"))?),
+        Kind::Postgres => {
+            let created = PgSchema::create()?;
+            seed_postgres(&created)?;
+            let store = created.connect()?;
+            schema = Some(created);
+            Box::new(store)
+        }
     };
-    Ok(Fixture { kind, dir, store })
+    Ok(Fixture {
+        kind,
+        dir,
+        store,
+        schema,
+    })
 }
 
 impl Fixture {
@@ -308,6 +397,36 @@ impl Fixture {
         rows: &[Row],
     ) -> Result<Vec<RowOutcome>, DatasourceError> {
         self.store.delete(entity, &keys(key), rows)
+    }
+
+    /// Runs `sql` through a connection of its own, as another program would.
+    fn other_writer(&self, sql: &str) -> TestResult {
+        match (self.kind, &self.schema) {
+            (Kind::Sqlite, _) => {
+                rusqlite::Connection::open(self.dir.path().join("db.sqlite"))?.execute_batch(sql)?
+            }
+            (Kind::Postgres, Some(schema)) => schema.client()?.batch_execute(sql)?,
+            (kind, _) => return Err(format!("{kind:?} takes no SQL").into()),
+        }
+        Ok(())
+    }
+
+    /// The keys `tracked_changes` reports from `since`, and the anchor it returns.
+    fn changes(
+        &mut self,
+        entity: &str,
+        key: &[&str],
+        since: TrackingAnchor,
+        lookback_ms: i64,
+    ) -> Result<(Vec<Row>, TrackingAnchor), DatasourceError> {
+        let mut changed = Vec::new();
+        let anchor =
+            self.store
+                .tracked_changes(entity, &keys(key), since, lookback_ms, &mut |row| {
+                    changed.push(row);
+                    Ok(())
+                })?;
+        Ok((changed, anchor))
     }
 
     fn file(&self, entity: &str) -> std::path::PathBuf {
@@ -480,8 +599,8 @@ fn refused_row_does_not_stop_the_others(kind: Kind) -> TestResult {
         // A null key cannot be matched by a later replay, so no store accepts it.
         fx.row(&[("id", Value::Null), ("name", text("Nobody"))]),
     ];
-    if kind == Kind::Sqlite {
-        // SQLite's own constraints: NOT NULL on name, CHECK (age >= 0).
+    if matches!(kind, Kind::Sqlite | Kind::Postgres) {
+        // The database's own constraints: NOT NULL on name, CHECK (age >= 0).
         rows.push(fx.row(&[("id", Value::Int(7)), ("name", Value::Null)]));
         rows.push(fx.person(8, "Minus", Some(-1)));
     }
@@ -506,6 +625,16 @@ fn refused_row_does_not_stop_the_others(kind: Kind) -> TestResult {
         );
         assert!(
             reasons[5].is_some_and(|r| r.contains("CHECK constraint failed")),
+            "{reasons:?}"
+        );
+    }
+    if kind == Kind::Postgres {
+        assert!(
+            reasons[4].is_some_and(|r| r.contains("violates not-null constraint")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons[5].is_some_and(|r| r.contains("violates check constraint")),
             "{reasons:?}"
         );
     }
@@ -542,7 +671,8 @@ fn describe_lists_fields_and_types(kind: Kind) -> TestResult {
             field("id", FieldType::Int, true),
             field("name", FieldType::Text, true),
         ],
-        Kind::Sqlite => vec![
+        // int4 and int2 read as Int too.
+        Kind::Sqlite | Kind::Postgres => vec![
             field("id", FieldType::Int, false),
             field("name", FieldType::Text, false),
             field("age", FieldType::Int, true),
@@ -642,11 +772,269 @@ fn unicode_quotes_commas_and_newlines_round_trip(kind: Kind) -> TestResult {
     Ok(())
 }
 
+fn read_keys_returns_exactly_the_asked_rows(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    let read = |fx: &mut Fixture, entity: &str, key: &[&str], asked: &[Row]| {
+        let mut rows = Vec::new();
+        fx.store.read_keys(entity, &keys(key), asked, &mut |row| {
+            rows.push(row);
+            Ok(())
+        })?;
+        // In key order, as `Fixture::rows` sorts: stores may visit in any order.
+        rows.sort_by_key(|r| {
+            ["id", "person_id", "day"]
+                .iter()
+                .filter_map(|f| r.get(*f).map(Value::to_string))
+                .collect::<Vec<_>>()
+        });
+        Ok::<_, DatasourceError>(rows)
+    };
+    // An absent key is skipped, a key asked twice comes once.
+    let asked = [
+        fx.row(&[("id", Value::Int(2))]),
+        fx.row(&[("id", Value::Int(99))]),
+        fx.row(&[("id", Value::Int(1))]),
+        fx.row(&[("id", Value::Int(2))]),
+    ];
+    let expected = vec![
+        fx.person(1, "Ada", Some(36)),
+        fx.person(2, "Alan", Some(41)),
+    ];
+    assert_eq!(read(&mut fx, "people", &["id"], &asked)?, expected);
+    // A composite key matches on every field: (2, tue) shares each with some row.
+    let asked = [
+        fx.row(&[("person_id", Value::Int(1)), ("day", text("tue"))]),
+        fx.row(&[("person_id", Value::Int(2)), ("day", text("tue"))]),
+        fx.row(&[("person_id", Value::Int(2)), ("day", text("mon"))]),
+    ];
+    let expected = vec![fx.visit(1, "tue", "second"), fx.visit(2, "mon", "third")];
+    assert_eq!(
+        read(&mut fx, "visits", &["person_id", "day"], &asked)?,
+        expected
+    );
+    assert_eq!(read(&mut fx, "people", &["id"], &[])?, Vec::<Row>::new());
+    Ok(())
+}
+
+fn scan_since_is_inclusive(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    let since = |fx: &mut Fixture, lower: i64| {
+        let mut ids = Vec::new();
+        fx.store
+            .scan_since("people", "age", &fx.stored(Value::Int(lower)), &mut |row| {
+                ids.push(row["id"].to_text());
+                Ok(())
+            })?;
+        ids.sort();
+        Ok::<_, DatasourceError>(ids)
+    };
+    // 41 is Alan's age exactly: the bound is inclusive. Grace's null age never counts.
+    assert_eq!(since(&mut fx, 41)?, ["2"]);
+    assert_eq!(since(&mut fx, 36)?, ["1", "2"]);
+    assert_eq!(since(&mut fx, 42)?, Vec::<String>::new());
+    Ok(())
+}
+
+fn stores_without_tracking_say_unsupported(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    if fx.store.supports_tracking() {
+        assert!(matches!(kind, Kind::Sqlite | Kind::Postgres), "{kind:?}");
+        return Ok(());
+    }
+    let key = keys(&["id"]);
+    let check = |result: Result<(), DatasourceError>| match result {
+        Err(DatasourceError::Unsupported {
+            datasource, entity, ..
+        }) => assert_eq!((datasource.as_str(), entity.as_str()), (NAME, "people")),
+        other => panic!("{kind:?}: expected Unsupported, got {other:?}"),
+    };
+    check(fx.store.install_tracking("people", &key));
+    check(fx.store.tracking_anchor("people").map(|_| ()));
+    check(
+        fx.store
+            .tracked_changes(
+                "people",
+                &key,
+                TrackingAnchor::default(),
+                0,
+                &mut |_| Ok(()),
+            )
+            .map(|_| ()),
+    );
+    Ok(())
+}
+
+// Change tracking, for the stores that support it. Writes come from a connection of
+// their own (`other_writer`), as another program's would.
+
+fn ids(values: &[i64]) -> Vec<Row> {
+    values
+        .iter()
+        .map(|i| Row::from([("id".to_string(), Value::Int(*i))]))
+        .collect()
+}
+
+/// Past the millisecond of the last write, so a read started now does not count it as
+/// recorded at or after its own start.
+fn next_millisecond() {
+    std::thread::sleep(std::time::Duration::from_millis(5));
+}
+
+fn tracking_records_every_write_of_any_connection(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    fx.store.install_tracking("people", &keys(&["id"]))?;
+    // Nothing before the install is tracked.
+    let (before, _) = fx.changes("people", &["id"], TrackingAnchor::default(), 0)?;
+    assert_eq!(before, []);
+    fx.other_writer("INSERT INTO people VALUES (4, 'Edsger', 72)")?;
+    fx.other_writer("UPDATE people SET age = 42 WHERE id = 2")?;
+    fx.other_writer("DELETE FROM people WHERE id = 3")?;
+    // The store's own writes are tracked like anyone's.
+    fx.upsert("people", &["id"], &[fx.person(1, "Ada King", Some(36))])?;
+    let (changed, anchor) = fx.changes("people", &["id"], TrackingAnchor::default(), 0)?;
+    assert_eq!(changed, ids(&[4, 2, 3, 1]));
+    assert!(anchor.sequence > 0, "{anchor:?}");
+    // Another entity's changes are its own.
+    let visits = fx.changes(
+        "visits",
+        &["person_id", "day"],
+        TrackingAnchor::default(),
+        0,
+    );
+    assert!(visits.is_err(), "visits is not tracked: {visits:?}");
+    Ok(())
+}
+
+fn tracking_key_change_reports_the_old_key_and_the_new(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    let key = ["person_id", "day"];
+    fx.store.install_tracking("visits", &keys(&key))?;
+    fx.other_writer("UPDATE visits SET day = 'wed' WHERE person_id = 1 AND day = 'tue'")?;
+    // An update that keeps the key reports it once.
+    fx.other_writer("UPDATE visits SET note = 'x' WHERE person_id = 2")?;
+    let (changed, _) = fx.changes("visits", &key, TrackingAnchor::default(), 0)?;
+    let visit_key = |person_id: i64, day: &str| {
+        Row::from([
+            ("person_id".to_string(), Value::Int(person_id)),
+            ("day".to_string(), text(day)),
+        ])
+    };
+    assert_eq!(
+        changed,
+        [
+            visit_key(1, "tue"),
+            visit_key(1, "wed"),
+            visit_key(2, "mon")
+        ]
+    );
+    Ok(())
+}
+
+fn tracking_reinstall_is_harmless(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    let key = keys(&["id"]);
+    fx.store.install_tracking("people", &key)?;
+    fx.other_writer("UPDATE people SET age = 37 WHERE id = 1")?;
+    fx.store.install_tracking("people", &key)?;
+    fx.other_writer("UPDATE people SET age = 42 WHERE id = 2")?;
+    // One record per write (no second trigger), and the first one was kept.
+    let (changed, _) = fx.changes("people", &["id"], TrackingAnchor::default(), 0)?;
+    assert_eq!(changed, ids(&[1, 2]));
+    Ok(())
+}
+
+fn tracking_anchor_round_trip_reads_nothing_twice_without_lookback(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    fx.store.install_tracking("people", &keys(&["id"]))?;
+    let start = fx.store.tracking_anchor("people")?;
+    fx.other_writer("UPDATE people SET age = 37 WHERE id = 1")?;
+    next_millisecond();
+    let (first, anchor) = fx.changes("people", &["id"], start, 0)?;
+    assert_eq!(first, ids(&[1]));
+    assert!(anchor.sequence > start.sequence && anchor.time_ms >= start.time_ms);
+    let (again, same) = fx.changes("people", &["id"], anchor, 0)?;
+    assert_eq!(again, []);
+    assert_eq!(same.sequence, anchor.sequence);
+    fx.other_writer("DELETE FROM people WHERE id = 2")?;
+    next_millisecond();
+    let (next, _) = fx.changes("people", &["id"], same, 0)?;
+    assert_eq!(next, ids(&[2]));
+    // tracking_anchor is where a read would stop: nothing lies beyond it.
+    let now = fx.store.tracking_anchor("people")?;
+    next_millisecond();
+    assert_eq!(fx.changes("people", &["id"], now, 0)?.0, []);
+    // A lookback reads recent changes again, which the contract allows.
+    let (recent, _) = fx.changes("people", &["id"], now, 60_000)?;
+    assert_eq!(recent, ids(&[1, 2]));
+    Ok(())
+}
+
+fn tracking_needs_install_and_known_key_fields(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    match fx.store.install_tracking("people", &keys(&["ident"])) {
+        Err(DatasourceError::NoSuchField {
+            datasource,
+            entity,
+            field,
+        }) => assert_eq!(
+            (datasource.as_str(), entity.as_str(), field.as_str()),
+            (NAME, "people", "ident")
+        ),
+        other => panic!("expected NoSuchField, got {other:?}"),
+    }
+    assert!(matches!(
+        fx.store.install_tracking("ghosts", &keys(&["id"])),
+        Err(DatasourceError::NoSuchEntity { .. })
+    ));
+    // Reading an entity whose tracking was never installed is an error, not silence.
+    match fx.changes("people", &["id"], TrackingAnchor::default(), 0) {
+        Err(e) => assert!(
+            e.to_string().contains(NAME) && e.to_string().contains("people"),
+            "{e}"
+        ),
+        Ok(found) => panic!("expected an error, got {found:?}"),
+    }
+    assert!(fx.store.tracking_anchor("people").is_err());
+    // knit's tracking table is no entity.
+    fx.store.install_tracking("people", &keys(&["id"]))?;
+    assert_eq!(fx.store.entities()?, ["people", "visits"]);
+    Ok(())
+}
+
+fn tracking_follows_quoted_names(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    // The same SQL creates the same table in SQLite and PostgreSQL.
+    fx.other_writer(
+        "CREATE TABLE \"odd 'name' \"\"x\"\"\" (\"the id\" INTEGER, \"it's\" TEXT, note TEXT,
+         PRIMARY KEY (\"the id\", \"it's\"))",
+    )?;
+    let table = "odd 'name' \"x\"";
+    let key = ["the id", "it's"];
+    fx.store.install_tracking(table, &keys(&key))?;
+    let row = fx.row(&[
+        ("the id", Value::Int(1)),
+        ("it's", text("a'b\"c")),
+        ("note", text("n")),
+    ]);
+    assert_eq!(
+        fx.upsert(table, &key, std::slice::from_ref(&row))?,
+        written(1)
+    );
+    fx.other_writer("DELETE FROM \"odd 'name' \"\"x\"\"\"")?;
+    let (changed, _) = fx.changes(table, &key, TrackingAnchor::default(), 0)?;
+    let row_key = fx.row(&[("the id", Value::Int(1)), ("it's", text("a'b\"c"))]);
+    assert_eq!(changed, [row_key.clone(), row_key]);
+    Ok(())
+}
+
 macro_rules! for_each_store {
     ($kind:ident: $($test:ident),* $(,)?) => {
         $(
             #[test]
             fn $test() -> TestResult {
+                if !super::Kind::$kind.available() {
+                    return Ok(());
+                }
                 super::$test(super::Kind::$kind)
             }
         )*
@@ -654,9 +1042,15 @@ macro_rules! for_each_store {
 }
 
 /// `every store:` tests run against every store; `file stores:` tests only against CSV
-/// and JSON Lines, since SQLite and sled have no files to rewrite or to find malformed.
+/// and JSON Lines, since SQLite, sled and PostgreSQL have no files to rewrite or to find
+/// malformed; `tracking stores:` tests against the stores that `supports_tracking`.
+/// (`postgresql`, not `postgres`, which would hide the crate of that name.)
 macro_rules! contract {
-    (every store: $($test:ident),* $(,)?; file stores: $($file_test:ident),* $(,)?) => {
+    (
+        every store: $($test:ident),* $(,)?;
+        file stores: $($file_test:ident),* $(,)?;
+        tracking stores: $($tracking_test:ident),* $(,)?
+    ) => {
         mod csv {
             use super::TestResult;
             for_each_store!(Csv: $($test,)* $($file_test),*);
@@ -667,11 +1061,15 @@ macro_rules! contract {
         }
         mod sqlite {
             use super::TestResult;
-            for_each_store!(Sqlite: $($test),*);
+            for_each_store!(Sqlite: $($test,)* $($tracking_test),*);
         }
         mod sled {
             use super::TestResult;
             for_each_store!(Sled: $($test),*);
+        }
+        mod postgresql {
+            use super::TestResult;
+            for_each_store!(Postgres: $($test,)* $($tracking_test),*);
         }
     };
 }
@@ -690,11 +1088,21 @@ contract!(
     describe_lists_fields_and_types,
     missing_entity_is_no_such_entity_naming_datasource_and_entity,
     key_field_not_in_entity_is_no_such_field,
-    unicode_quotes_commas_and_newlines_round_trip;
+    unicode_quotes_commas_and_newlines_round_trip,
+    read_keys_returns_exactly_the_asked_rows,
+    scan_since_is_inclusive,
+    stores_without_tracking_say_unsupported;
     file stores:
     stray_tmp_file_is_ignored_and_replaced_by_the_next_write,
     rewrite_keeps_file_order_and_appends_new_rows,
-    malformed_file_is_bad_row_naming_the_line,
+    malformed_file_is_bad_row_naming_the_line;
+    tracking stores:
+    tracking_records_every_write_of_any_connection,
+    tracking_key_change_reports_the_old_key_and_the_new,
+    tracking_reinstall_is_harmless,
+    tracking_anchor_round_trip_reads_nothing_twice_without_lookback,
+    tracking_needs_install_and_known_key_fields,
+    tracking_follows_quoted_names,
 );
 
 // The file stores' own rules.
@@ -745,6 +1153,7 @@ fn malformed_file_is_bad_row_naming_the_line(kind: Kind) -> TestResult {
         Kind::Sled => {
             unreachable!("sled has no files; see sled_damaged_row_is_bad_row_naming_its_position")
         }
+        Kind::Postgres => unreachable!("PostgreSQL has no files"),
         Kind::Csv => vec![
             ("ragged", b"id,name\n1,Ada\n2,Alan,extra\n", 3, "3 fields"),
             (
@@ -991,6 +1400,29 @@ fn sqlite_blob_is_bad_row_naming_the_row() -> TestResult {
 }
 
 #[test]
+fn sqlite_tracked_keys_come_back_exactly_and_find_their_rows() -> TestResult {
+    // SQLite's JSON writes a real with 15 digits, which would turn 0.1 + 0.2 into 0.3:
+    // a key that no longer matches its row is a change lost. The triggers keep SQLite's
+    // exact literal instead.
+    let mut fx = fixture(Kind::Sqlite)?;
+    fx.other_writer("CREATE TABLE m (x REAL, label TEXT, PRIMARY KEY (x, label))")?;
+    let key = ["x", "label"];
+    fx.store.install_tracking("m", &keys(&key))?;
+    fx.other_writer("INSERT INTO m VALUES (0.1 + 0.2, 'it''s'), (1e300, 'NULL'), (-2.5e-300, '')")?;
+    let (changed, _) = fx.changes("m", &key, TrackingAnchor::default(), 0)?;
+    let expected = [(0.1 + 0.2, "it's"), (1e300, "NULL"), (-2.5e-300, "")]
+        .map(|(x, label)| fx.row(&[("x", Value::Float(x)), ("label", text(label))]));
+    assert_eq!(changed, expected);
+    let mut found = 0;
+    fx.store.read_keys("m", &keys(&key), &changed, &mut |_| {
+        found += 1;
+        Ok(())
+    })?;
+    assert_eq!(found, 3);
+    Ok(())
+}
+
+#[test]
 fn file_stores_refuse_a_folder_that_does_not_exist() -> TestResult {
     let dir = tempfile::tempdir()?;
     let missing = dir.path().join("nope");
@@ -1002,6 +1434,284 @@ fn file_stores_refuse_a_folder_that_does_not_exist() -> TestResult {
         JsonlSource::open(NAME, &missing),
         Err(DatasourceError::Unavailable { .. })
     ));
+    Ok(())
+}
+
+// PostgreSQL's own rules (src/stores/postgres_source.rs).
+
+/// A seeded PostgreSQL fixture, or `None` (and a line saying the test was skipped) when
+/// no server was given.
+fn postgres_fixture() -> Result<Option<Fixture>, Box<dyn std::error::Error>> {
+    if !Kind::Postgres.available() {
+        return Ok(None);
+    }
+    fixture(Kind::Postgres).map(Some)
+}
+
+fn pg_schema(fx: &Fixture) -> Result<&PgSchema, &'static str> {
+    fx.schema
+        .as_ref()
+        .ok_or("a PostgreSQL fixture has a schema")
+}
+
+#[test]
+fn postgres_lookback_catches_a_transaction_that_commits_after_a_read() -> TestResult {
+    // PostgreSQL takes a sequence number when a row is written, not when its
+    // transaction commits: T1 takes A's number, T2 takes a higher one for B and commits
+    // first, and a read in between sees B and moves its anchor past A's number. Only the
+    // lookback of the next read finds A.
+    let Some(mut fx) = postgres_fixture()? else {
+        return Ok(());
+    };
+    fx.store.install_tracking("people", &keys(&["id"]))?;
+    let start = fx.store.tracking_anchor("people")?;
+    let mut slow = pg_schema(&fx)?.client()?;
+    let mut t1 = slow.transaction()?;
+    t1.batch_execute("UPDATE people SET age = 37 WHERE id = 1")?;
+    fx.other_writer("UPDATE people SET age = 42 WHERE id = 2")?;
+    next_millisecond();
+    let (first, anchor) = fx.changes("people", &["id"], start, 0)?;
+    assert_eq!(first, ids(&[2]));
+    t1.commit()?;
+    // A's number is below B's: in sequence order A comes first...
+    let (all, _) = fx.changes("people", &["id"], TrackingAnchor::default(), 0)?;
+    assert_eq!(all, ids(&[1, 2]));
+    // ...so a read after the anchor without a lookback would lose A for good,
+    let (missed, _) = fx.changes("people", &["id"], anchor, 0)?;
+    assert_eq!(missed, []);
+    // and the lookback brings it back (with B again, which is harmless).
+    let (caught, _) = fx.changes("people", &["id"], anchor, 60_000)?;
+    assert_eq!(caught, ids(&[1, 2]));
+    Ok(())
+}
+
+#[test]
+fn postgres_unreachable_server_is_unavailable_and_hides_the_password() -> TestResult {
+    // Port 1 of loopback: nothing listens there, so this needs no server.
+    let conninfo = "host=127.0.0.1 port=1 user=knit password=hunter2-secret dbname=knit_test";
+    match PostgresSource::connect(NAME, conninfo, None) {
+        Err(e @ DatasourceError::Unavailable { .. }) => {
+            let message = e.to_string();
+            assert!(message.contains(NAME), "{message}");
+            assert!(message.contains("port=1"), "{message}");
+            assert!(!message.contains("hunter2"), "{message}");
+            assert!(!format!("{e:?}").contains("hunter2"), "{e:?}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[test]
+fn postgres_missing_schema_is_unavailable() -> TestResult {
+    let Some(conninfo) = common::pg_conninfo() else {
+        return Ok(());
+    };
+    match PostgresSource::connect(NAME, &conninfo, Some("knit_no_such_schema")) {
+        Err(e @ DatasourceError::Unavailable { .. }) => {
+            assert!(e.to_string().contains("knit_no_such_schema"), "{e}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[test]
+fn postgres_default_schema_is_public() -> TestResult {
+    let Some(conninfo) = common::pg_conninfo() else {
+        return Ok(());
+    };
+    let table = format!("public_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = ::postgres::Client::connect(&conninfo, ::postgres::NoTls)?;
+    admin.batch_execute(&format!(
+        "CREATE TABLE public.\"{table}\" (id int PRIMARY KEY)"
+    ))?;
+    let listed = PostgresSource::connect(NAME, &conninfo, None).and_then(|mut s| s.entities());
+    admin.batch_execute(&format!("DROP TABLE public.\"{table}\""))?;
+    assert!(listed?.contains(&table));
+    Ok(())
+}
+
+#[test]
+fn postgres_types_map_and_values_convert_as_the_column_takes_them() -> TestResult {
+    let Some(mut fx) = postgres_fixture()? else {
+        return Ok(());
+    };
+    fx.other_writer(
+        "CREATE TABLE typed (
+             id int8 PRIMARY KEY, small int2, f4 float4, num numeric(6, 2), flag bool,
+             at timestamp, at_tz timestamptz, code varchar(3), uid uuid
+         );
+         INSERT INTO typed VALUES (1, 7, 1.5, 3.10, true, '2024-05-01 10:00:00',
+             '2024-05-01 10:00:00+02', 'abc', '00000000-0000-0000-0000-00000000000a');",
+    )?;
+    let types: Vec<FieldType> = fx
+        .store
+        .describe("typed")?
+        .fields
+        .iter()
+        .map(|f| f.field_type)
+        .collect();
+    use FieldType::{Bool, Float, Int, Text};
+    assert_eq!(
+        types,
+        [Int, Int, Float, Float, Bool, Text, Text, Text, Text]
+    );
+    // PostgreSQL stores every value as it is given: a row is its fields.
+    let row = |fields: &[(&str, Value)]| -> Row {
+        fields
+            .iter()
+            .map(|(f, v)| (f.to_string(), v.clone()))
+            .collect()
+    };
+    let seeded = row(&[
+        ("id", Value::Int(1)),
+        ("small", Value::Int(7)),
+        ("f4", Value::Float(1.5)),
+        ("num", Value::Float(3.1)),
+        ("flag", Value::Bool(true)),
+        // Timestamps read as text, in ISO form, a timestamptz in UTC.
+        ("at", text("2024-05-01 10:00:00")),
+        ("at_tz", text("2024-05-01 08:00:00+00")),
+        ("code", text("abc")),
+        ("uid", text("00000000-0000-0000-0000-00000000000a")),
+    ]);
+    assert_eq!(fx.rows("typed")?, [seeded]);
+    let rows = [
+        // Text that is a number goes into a number column, as SQLite's affinity takes it.
+        row(&[("id", Value::Int(2)), ("small", text("36"))]),
+        row(&[("id", Value::Int(3)), ("small", text("x"))]),
+        row(&[("id", Value::Int(4)), ("small", Value::Float(1.5))]),
+        row(&[("id", Value::Int(5)), ("small", Value::Float(40.0))]),
+        row(&[("id", Value::Int(6)), ("small", Value::Bool(true))]),
+        row(&[("id", Value::Int(7)), ("small", Value::Int(70_000))]),
+        // Too long for varchar(3): refused, not cut.
+        row(&[("id", Value::Int(8)), ("code", text("abcd"))]),
+        row(&[("id", Value::Int(9)), ("at", text("2024-06-01T12:30:00"))]),
+        row(&[("id", Value::Int(10)), ("flag", text("no"))]),
+    ];
+    let outcomes = fx.upsert("typed", &["id"], &rows)?;
+    let reasons: Vec<Option<&str>> = outcomes.iter().map(refused_reason).collect();
+    assert_eq!(reasons[0], None);
+    assert!(
+        reasons[1].is_some_and(|r| r.contains("invalid input syntax")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[2].is_some_and(|r| r.contains("invalid input syntax")),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons[3..5], [None, None]);
+    assert!(
+        reasons[5].is_some_and(|r| r.contains("out of range")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[6].is_some_and(|r| r.contains("too long")),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons[7..], [None, None]);
+    let read: Vec<(String, String)> = fx
+        .rows("typed")?
+        .into_iter()
+        .skip(1)
+        .map(|r| {
+            (
+                r["id"].to_text(),
+                format!("{} {} {}", r["small"], r["at"], r["flag"]),
+            )
+        })
+        .collect();
+    let expected = [
+        ("10", "null null false"),
+        ("2", "36 null null"),
+        ("5", "40 null null"),
+        ("6", "1 null null"),
+        ("9", "null \"2024-06-01 12:30:00\" null"),
+    ]
+    .map(|(id, rest)| (id.to_string(), rest.to_string()));
+    assert_eq!(read, expected);
+    Ok(())
+}
+
+#[test]
+fn postgres_upsert_without_a_unique_key_updates_then_inserts() -> TestResult {
+    let Some(mut fx) = postgres_fixture()? else {
+        return Ok(());
+    };
+    fx.other_writer(
+        "CREATE TABLE tags (code text, label text); INSERT INTO tags VALUES ('r', 'red');",
+    )?;
+    let rows = [
+        fx.row(&[("code", text("r")), ("label", text("rouge"))]),
+        fx.row(&[("code", text("g")), ("label", text("green"))]),
+        fx.row(&[("code", text("b"))]),
+    ];
+    for _ in 0..2 {
+        assert_eq!(fx.upsert("tags", &["code"], &rows)?, written(3));
+        let expected = vec![
+            fx.row(&[("code", text("b")), ("label", Value::Null)]),
+            fx.row(&[("code", text("g")), ("label", text("green"))]),
+            fx.row(&[("code", text("r")), ("label", text("rouge"))]),
+        ];
+        let mut read = fx.rows("tags")?;
+        read.sort_by_key(|r| r["code"].to_text());
+        assert_eq!(read, expected);
+    }
+    Ok(())
+}
+
+#[test]
+fn postgres_identifiers_with_quotes_and_spaces_are_quoted() -> TestResult {
+    let Some(mut fx) = postgres_fixture()? else {
+        return Ok(());
+    };
+    fx.other_writer(
+        "CREATE TABLE \"odd \"\"name\"\"\" (\"the id\" integer PRIMARY KEY, \"a;b\" text, done boolean);
+         CREATE TABLE \"KNIT_private\" (id integer);",
+    )?;
+    let table = "odd \"name\"";
+    // knit_ tables, in any case, are knit's own.
+    assert_eq!(fx.store.entities()?, [table, "people", "visits"]);
+    let row = fx.row(&[
+        ("the id", Value::Int(1)),
+        ("a;b", text("'); DROP TABLE people; --")),
+        ("done", Value::Bool(true)),
+    ]);
+    assert_eq!(
+        fx.upsert(table, &["the id"], std::slice::from_ref(&row))?,
+        written(1)
+    );
+    assert_eq!(fx.rows(table)?, [row]);
+    assert_eq!(fx.rows("people")?.len(), 3);
+    assert!(matches!(
+        fx.store.scan("KNIT_private", &mut |_| Ok(())),
+        Err(DatasourceError::NoSuchEntity { .. })
+    ));
+    Ok(())
+}
+
+#[test]
+fn postgres_lost_connection_is_unavailable() -> TestResult {
+    let Some(fx) = postgres_fixture()? else {
+        return Ok(());
+    };
+    let schema = pg_schema(&fx)?;
+    // A name of its own, so that only this store's connection is ended.
+    let application = format!("knit_{}", uuid::Uuid::new_v4().simple());
+    let conninfo = format!("{} application_name={application}", schema.conninfo);
+    let mut store = PostgresSource::connect(NAME, &conninfo, Some(&schema.name))?;
+    // Another session ends the store's connection, as a server restart would.
+    let ended = schema.client()?.query_one(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE application_name = $1",
+        &[&application],
+    )?;
+    assert_eq!(ended.try_get::<_, i64>(0)?, 1);
+    match store.scan("people", &mut |_| Ok(())) {
+        Err(DatasourceError::Unavailable { datasource, .. }) => assert_eq!(datasource, NAME),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
     Ok(())
 }
 
@@ -1135,6 +1845,7 @@ fn sled_rows_come_in_key_order_and_survive_reopening() -> TestResult {
         kind: Kind::Sled,
         store: Box::new(seed_sled(&path)?),
         dir,
+        schema: None,
     };
     let rows = [
         fx.person(10, "Ten", None),
@@ -1167,12 +1878,18 @@ fn sled_rows_come_in_key_order_and_survive_reopening() -> TestResult {
     );
     assert_eq!(scanned(&mut fx)?, expected);
     // Each call flushed: a new handle, opened once the first is gone, reads the same.
-    let Fixture { kind, dir, store } = fx;
+    let Fixture {
+        kind,
+        dir,
+        store,
+        schema,
+    } = fx;
     drop(store);
     let mut fx = Fixture {
         kind,
         dir,
         store: Box::new(SledSource::open(NAME, &path)?),
+        schema,
     };
     assert_eq!(scanned(&mut fx)?, expected);
     Ok(())

@@ -1,14 +1,16 @@
 //! The `knit` binary: argument parsing and printing over the library, nothing more.
 //!
-//! Architecture invariant: no sync logic lives here. Every command opens replicas with
-//! `Replica::open`/`create`, calls one library operation, flushes if it wrote, and
-//! prints. Defaults for people (direction, policy, batch size) are picked here, as
-//! style rule 7 asks.
+//! Architecture invariant: no sync logic lives here. Every replica command opens replicas
+//! with `Replica::open`/`create`, calls one library operation, flushes if it wrote, and
+//! prints; every schema command (`run`, `schema ...`, `history`) goes through one
+//! `SyncManager`. Defaults for people (direction, policy, batch size, where datasources
+//! and state live) are picked here, as style rule 7 asks.
 //!
 //! Exit status: 0 success; 1 a negative answer (`get`/`del` of a key that is not live,
-//! `demo` replicas that did not converge); 2 any error, usage errors included (clap's
-//! code for those). grep and diff split their codes the same way, so a script can tell
-//! "no" from "broken".
+//! `demo` replicas that did not converge or edits that did not cross, a `run` schema
+//! that did not end `success`, a `schema validate` that found problems); 2 any error,
+//! usage errors included (clap's code for those). grep and diff split their codes the
+//! same way, so a script can tell "no" from "broken".
 //!
 //! Every error prints exactly one line, `knit: <message>`, on stderr. Library messages
 //! already name the folder for metadata errors; other errors get the folder in front.
@@ -16,6 +18,9 @@
 mod bench;
 mod commands;
 mod demo;
+mod run;
+mod schema_cmd;
+mod shop_demo;
 mod sync;
 
 use std::fmt::Display;
@@ -34,15 +39,20 @@ use crate::sync::{ConflictPolicy, Direction};
 #[command(
     name = "knit",
     version,
-    about = "knit: knowledge-based replication of key-value replicas",
-    after_help = "Exit status: 0 success; 1 KEY is not live (get, del) or the demo did not \
-                  converge; 2 an error (the message names the folder or the flag)."
+    about = "knit: knowledge-based replication of key-value replicas and datasources",
+    after_help = "Exit status: 0 success; 1 KEY is not live (get, del), a schema did not \
+                  succeed (run), problems found (schema validate) or the demo did not \
+                  converge; 2 an error (the message names the file, folder or flag)."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; boxing the clap fields would only obscure them"
+)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Create a replica in DIR and print its id
@@ -107,10 +117,42 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Three replicas, concurrent edits, a conflict, and convergence
+    /// Run a schema file's schemas: validate each, sync it, print what it did
+    Run {
+        #[command(flatten)]
+        place: schema_cmd::Place,
+        /// Run only this schema (repeat for several, run in the order given)
+        #[arg(long = "schema", value_name = "ID")]
+        schemas: Vec<String>,
+        /// Run again every DURATION (30s, 5m, 1h, or seconds) until Ctrl-C
+        #[arg(long, value_name = "DURATION", value_parser = run::parse_every)]
+        every: Option<std::time::Duration>,
+        /// One JSON object per schema and run
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add, change, list, check or auto-map the schemas of a schema file
+    #[command(subcommand)]
+    Schema(schema_cmd::SchemaCommand),
+    /// The recorded runs of a schema file's schemas, then their failed rows
+    History {
+        #[command(flatten)]
+        place: schema_cmd::Place,
+        /// Only this schema's runs
+        #[arg(long = "schema", value_name = "ID")]
+        id: Option<String>,
+        /// One JSON object per run
+        #[arg(long)]
+        json: bool,
+    },
+    /// A SQLite table and a CSV export kept in step (--engine: three replicas converge)
     Demo {
-        /// Where to put the replicas (default: a new folder in the temp dir)
+        /// Where to put the demo's files (default: a new folder in the temp dir)
+        #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+        /// The engine demo: three key-value replicas instead of the shop example
+        #[arg(long)]
+        engine: bool,
     },
 }
 
@@ -314,7 +356,26 @@ fn dispatch(command: Command, out: &mut dyn Write) -> CliResult {
             }
             Ok(())
         }
-        Command::Demo { dir } => demo::demo(dir, out),
+        Command::Run {
+            place,
+            schemas,
+            every,
+            json,
+        } => run::run(
+            &run::RunArgs {
+                place,
+                schemas,
+                every,
+                json,
+            },
+            out,
+        ),
+        Command::Schema(command) => schema_cmd::dispatch(command, out),
+        Command::History { place, id, json } => {
+            schema_cmd::history(&place, id.as_deref(), json, out)
+        }
+        Command::Demo { dir, engine: true } => demo::demo(dir, out),
+        Command::Demo { dir, engine: false } => shop_demo::demo(dir, out),
     }
 }
 

@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::model::ItemId;
 use crate::stores::Value;
-use crate::stores::{CsvSource, Datasource, JsonlSource, SledSource, SqliteSource};
+use crate::stores::{CsvSource, Datasource, JsonlSource, PostgresSource, SledSource, SqliteSource};
 use crate::sync::{
     CancelToken, ConflictKind, ConflictOutcome, ConflictPolicy, Progress, Resolution,
     SessionOptions, SessionStats, SyncObserver,
@@ -26,7 +26,8 @@ use super::model::Named;
 use super::table::{key_of_prefix, split_unit, DetectMode, TableReplica};
 use super::watermark::utc_now_text;
 use super::{
-    validate, ConflictRule, Projection, RunStatus, SchemaError, SyncDirection, SyncSchema, SyncType,
+    validate, ConflictRule, OnMissing, Projection, RunStatus, SchemaError, SyncDirection,
+    SyncSchema, SyncType,
 };
 
 /// The kinds of datasource a config file may name.
@@ -41,14 +42,30 @@ pub enum DatasourceKind {
     Sqlite,
     /// A sled database folder (knit's own embedded store).
     Sled,
+    /// A schema of a PostgreSQL database.
+    Postgres,
 }
 
+/// One `[datasources.NAME]` table. File stores take `path`; PostgreSQL takes a
+/// libpq-style `conninfo` (`host=.. port=.. user=.. dbname=..`), or `conninfo_env`, the
+/// name of an environment variable that holds it, so that a password need not be
+/// written in the file; `password_env` adds a password from another variable.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DatasourceEntry {
     kind: DatasourceKind,
     /// Relative paths are taken from the config file's folder.
-    path: PathBuf,
+    #[serde(default)]
+    path: Option<PathBuf>,
+    #[serde(default)]
+    conninfo: Option<String>,
+    #[serde(default)]
+    conninfo_env: Option<String>,
+    #[serde(default)]
+    password_env: Option<String>,
+    /// The PostgreSQL schema whose tables are the entities (default `public`).
+    #[serde(default)]
+    schema: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -110,6 +127,7 @@ impl Datasources {
             Some(DatasourceKind::Jsonl) => "jsonl",
             Some(DatasourceKind::Sqlite) => "sqlite",
             Some(DatasourceKind::Sled) => "sled",
+            Some(DatasourceKind::Postgres) => "postgres",
             None => "unknown",
         }
     }
@@ -125,14 +143,66 @@ impl Datasources {
                     self.entries.keys().cloned().collect::<Vec<_>>().join(", ")
                 ),
             })?;
-        let path = self.base.join(&entry.path);
+        let setting = |what: &str, hint: &str| SchemaError::Datasource {
+            message: format!(
+                "datasource {name:?} ({:?}) needs {what}: {hint}",
+                entry.kind
+            ),
+        };
+        let path = || -> Result<PathBuf, SchemaError> {
+            let path = entry
+                .path
+                .as_ref()
+                .ok_or_else(|| setting("a path", "path = \"data\""))?;
+            Ok(self.base.join(path))
+        };
         Ok(match entry.kind {
-            DatasourceKind::Csv => Box::new(CsvSource::open(name, &path)?),
-            DatasourceKind::Jsonl => Box::new(JsonlSource::open(name, &path)?),
-            DatasourceKind::Sqlite => Box::new(SqliteSource::open(name, &path)?),
-            DatasourceKind::Sled => Box::new(SledSource::open(name, &path)?),
+            DatasourceKind::Csv => Box::new(CsvSource::open(name, &path()?)?),
+            DatasourceKind::Jsonl => Box::new(JsonlSource::open(name, &path()?)?),
+            DatasourceKind::Sqlite => Box::new(SqliteSource::open(name, &path()?)?),
+            DatasourceKind::Sled => Box::new(SledSource::open(name, &path()?)?),
+            DatasourceKind::Postgres => Box::new(PostgresSource::connect(
+                name,
+                &postgres_conninfo(entry, &setting)?,
+                entry.schema.as_deref(),
+            )?),
         })
     }
+}
+
+/// The connection string of a PostgreSQL entry, with the password from the
+/// environment when the entry names a variable for it.
+fn postgres_conninfo(
+    entry: &DatasourceEntry,
+    setting: &dyn Fn(&str, &str) -> SchemaError,
+) -> Result<String, SchemaError> {
+    let mut conninfo = match (&entry.conninfo, &entry.conninfo_env) {
+        (Some(c), None) => c.clone(),
+        (None, Some(var)) => std::env::var(var).map_err(|_| {
+            setting(
+                "a connection string",
+                &format!("the environment variable {var} (conninfo_env) is not set"),
+            )
+        })?,
+        _ => {
+            return Err(setting(
+                "exactly one of conninfo, conninfo_env",
+                "conninfo = \"host=127.0.0.1 user=app dbname=shop\"",
+            ))
+        }
+    };
+    if let Some(var) = &entry.password_env {
+        let password = std::env::var(var).map_err(|_| {
+            setting(
+                "a password",
+                &format!("the environment variable {var} (password_env) is not set"),
+            )
+        })?;
+        // Quoted as libpq's conninfo syntax wants: backslash and quote escaped.
+        let quoted = password.replace('\\', "\\\\").replace('\'', "\\'");
+        conninfo.push_str(&format!(" password='{quoted}'"));
+    }
+    Ok(conninfo)
 }
 
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
@@ -548,6 +618,16 @@ fn try_run(
         schema.source.modified_at.clone(),
         schema.source.deleted_field.clone(),
     )?;
+    // `on_missing = soft_delete` is the destination's tombstone column.
+    let destination_tombstone =
+        schema
+            .destination
+            .deleted_field
+            .clone()
+            .or(match &schema.on_missing {
+                OnMissing::SoftDelete { field } => Some(field.clone()),
+                OnMissing::Delete => None,
+            });
     let mut destination = TableReplica::open_with(
         &folder.join("destination"),
         destination_store,
@@ -555,7 +635,7 @@ fn try_run(
         &schema.destination.key,
         Projection::destination_side(schema),
         schema.destination.modified_at.clone(),
-        schema.destination.deleted_field.clone(),
+        destination_tombstone,
     )?;
     // Both sides are locked now: a marker left by an earlier run is a run that died.
     history.begin(
@@ -630,32 +710,25 @@ fn try_run(
             ),
         ));
     }
+    // Changes first seen in one run are ordered by detection, source first: the
+    // destination's clock follows the source's once the source's versions exist, so
+    // last-writer-wins never falls back to the replica ids' tie-break for two edits
+    // detected in the same millisecond.
     let mut detections = detections.into_iter();
-    let mut first_watermark = true;
-    for (detection, side) in [
-        (detections.next().flatten(), &mut source),
-        (detections.next().flatten(), &mut destination),
-    ] {
-        let Some(detection) = detection else { continue };
-        if first_watermark {
-            report.watermark_before = detection.anchor_before.clone();
-            report.watermark_after = detection.anchor_after.clone();
-            first_watermark = false;
-        }
-        let found = side.commit_changes(detection)?;
-        report.rows_read += found.rows_read;
-        report.inserted += found.inserted;
-        report.updated += found.updated;
-        report.deleted += found.deleted;
-        report.skipped += found.filtered;
-        for failure in found.failed {
-            report.failed += 1;
-            report.errors.push(RowError {
-                key: failure.key,
-                field: Some(failure.field),
-                reason: failure.reason,
-            });
-        }
+    let (source_detection, destination_detection) =
+        (detections.next().flatten(), detections.next().flatten());
+    if let Some(d) = source_detection.as_ref().or(destination_detection.as_ref()) {
+        report.watermark_before = d.anchor_before.clone();
+        report.watermark_after = d.anchor_after.clone();
+    }
+    if let Some(detection) = source_detection {
+        let found = source.commit_changes(detection)?;
+        add_detection(&mut report, found);
+    }
+    destination.follow_clock_of(&source)?;
+    if let Some(detection) = destination_detection {
+        let found = destination.commit_changes(detection)?;
+        add_detection(&mut report, found);
     }
 
     // What each side has that the other lacks: the rows to move, and the values a
@@ -790,6 +863,22 @@ fn try_run(
     Ok(report)
 }
 
+fn add_detection(report: &mut RunReport, found: super::DetectReport) {
+    report.rows_read += found.rows_read;
+    report.inserted += found.inserted;
+    report.updated += found.updated;
+    report.deleted += found.deleted;
+    report.skipped += found.filtered;
+    for failure in found.failed {
+        report.failed += 1;
+        report.errors.push(RowError {
+            key: failure.key,
+            field: Some(failure.field),
+            reason: failure.reason,
+        });
+    }
+}
+
 /// The number of rows (row prefixes) among unit ids.
 fn distinct_rows(items: &[ItemId]) -> u64 {
     let mut rows = 0;
@@ -891,6 +980,15 @@ fn session_options(
 
 fn record_refused(report: &mut RunReport, apply: &super::ApplyReport) {
     for (key, reason) in &apply.refused {
+        // A row refused at open (the retry of an earlier run's) is tried again after
+        // the sessions: one row, one error.
+        if report
+            .errors
+            .iter()
+            .any(|e| &e.key == key && e.field.is_none())
+        {
+            continue;
+        }
         report.failed += 1;
         report.errors.push(RowError {
             key: key.clone(),

@@ -37,6 +37,10 @@ use super::{Projection, SchemaError};
 
 /// The owner record that holds this side's Incremental anchor.
 const ANCHOR_RECORD: &[u8] = b"detect-anchor";
+/// The owner record that lists the keys of rows the last detection could not read
+/// (a failed conversion, say): the next Incremental detection reads them again, so the
+/// anchor moving past them loses nothing.
+const RETRY_RECORD: &[u8] = b"detect-retry";
 
 /// How a detection finds what changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +81,8 @@ pub struct Detection {
     changes: Vec<(ItemId, Option<Vec<u8>>)>,
     /// The anchor to store with the changes (`None`: keep the stored one).
     anchor: Option<Anchor>,
+    /// The keys of rows to read again next time, replacing the stored list.
+    retry: Vec<Vec<Value>>,
     /// The anchor the detection started from, for the run's report.
     pub anchor_before: Option<String>,
     /// The anchor after commit (the stored one when this detection sets none).
@@ -100,6 +106,8 @@ struct Findings {
     /// Rows whose write into the datasource is still pending: the datasource does
     /// not show their units yet, so reading them now would mistake that for a change.
     pending: BTreeSet<Vec<u8>>,
+    /// Keys of rows that could not be read as units, to read again next time.
+    retry: Vec<Vec<Value>>,
 }
 
 /// What writing synced rows into the datasource did.
@@ -229,6 +237,59 @@ pub(crate) fn decode_value(bytes: &[u8]) -> Result<Value, String> {
             .map_err(|_| "a text unit is not UTF-8".to_string()),
         _ => Err("not a field value".to_string()),
     }
+}
+
+/// A list of keys (each a list of values) as bytes: counts and lengths as u32 LE.
+fn encode_keys(keys: &[Vec<Value>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(keys.len() as u32).to_le_bytes());
+    for key in keys {
+        out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        for value in key {
+            let bytes = encode_value(value);
+            out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            out.extend_from_slice(&bytes);
+        }
+    }
+    out
+}
+
+fn decode_keys(bytes: &[u8]) -> Result<Vec<Vec<Value>>, String> {
+    let mut at = 0usize;
+    let next_u32 = |at: &mut usize| -> Result<usize, String> {
+        let end = at.checked_add(4).filter(|e| *e <= bytes.len());
+        let end = end.ok_or("truncated")?;
+        let n = u32::from_le_bytes(bytes[*at..end].try_into().map_err(|_| "truncated")?);
+        *at = end;
+        Ok(n as usize)
+    };
+    let count = next_u32(&mut at)?;
+    // Each key takes at least 4 bytes: a count that claims more is damage.
+    if count > bytes.len() / 4 {
+        return Err("count larger than the record".into());
+    }
+    let mut keys = Vec::with_capacity(count);
+    for _ in 0..count {
+        let parts = next_u32(&mut at)?;
+        if parts > bytes.len() / 4 {
+            return Err("count larger than the record".into());
+        }
+        let mut key = Vec::with_capacity(parts);
+        for _ in 0..parts {
+            let len = next_u32(&mut at)?;
+            let end = at
+                .checked_add(len)
+                .filter(|e| *e <= bytes.len())
+                .ok_or("truncated")?;
+            key.push(decode_value(&bytes[at..end])?);
+            at = end;
+        }
+        keys.push(key);
+    }
+    if at != bytes.len() {
+        return Err("trailing bytes".into());
+    }
+    Ok(keys)
 }
 
 /// Values a store would write and read back alike are not a change.
@@ -440,6 +501,13 @@ impl TableReplica {
         &mut self.replica
     }
 
+    /// Moves this side's clock past `other`'s, so that what this side detects next is
+    /// later, for last-writer-wins, than anything `other` has detected.
+    pub(crate) fn follow_clock_of(&mut self, other: &TableReplica) -> Result<(), SchemaError> {
+        let seen = other.replica.metadata().last_hlc();
+        self.replica.observe_clock(seen).map_err(SchemaError::from)
+    }
+
     /// The datasource's name, as the configuration calls it.
     pub fn datasource_name(&self) -> &str {
         self.datasource.name()
@@ -582,6 +650,7 @@ impl TableReplica {
             changes: Vec::new(),
             settled: pending.clone(),
             pending,
+            retry: Vec::new(),
         };
         let stored = self.stored_anchor()?;
         let anchor_before = stored.as_ref().map(ToString::to_string);
@@ -609,6 +678,11 @@ impl TableReplica {
             (DetectMode::Incremental { lookback }, Some(Anchor::Tracking(since))) => {
                 let mut keys: Vec<Row> = Vec::new();
                 let mut wanted: BTreeSet<Vec<u8>> = BTreeSet::new();
+                for values in self.stored_retry()? {
+                    if wanted.insert(row_prefix(&values)) {
+                        keys.push(self.key.iter().cloned().zip(values).collect());
+                    }
+                }
                 let key = self.key.clone();
                 let next = self.datasource.tracked_changes(
                     &self.entity,
@@ -658,6 +732,19 @@ impl TableReplica {
                         rows.push(row);
                         Ok(())
                     })?;
+                // Rows that failed last time, wherever their modified-at value is now.
+                let retry: Vec<Row> = self
+                    .stored_retry()?
+                    .into_iter()
+                    .map(|values| self.key.iter().cloned().zip(values).collect())
+                    .collect();
+                if !retry.is_empty() {
+                    self.datasource
+                        .read_keys(&self.entity, &self.key, &retry, &mut |row| {
+                            rows.push(row);
+                            Ok(())
+                        })?;
+                }
                 let mut highest = Some(watermark);
                 for row in rows {
                     if let Some(v) = row.get(&column) {
@@ -675,10 +762,25 @@ impl TableReplica {
         Ok(Detection {
             report: found.report,
             changes: found.changes,
+            retry: found.retry,
             anchor,
             anchor_before,
             anchor_after,
         })
+    }
+
+    fn stored_retry(&self) -> Result<Vec<Vec<Value>>, SchemaError> {
+        let bytes = self
+            .replica
+            .metadata()
+            .owner_record(RETRY_RECORD)
+            .map_err(StoreError::from)?;
+        match bytes {
+            None => Ok(Vec::new()),
+            Some(b) => decode_keys(&b).map_err(|reason| SchemaError::Table {
+                reason: format!("entity {}: the retry list: {reason}", self.entity),
+            }),
+        }
     }
 
     fn stored_anchor(&self) -> Result<Option<Anchor>, SchemaError> {
@@ -777,6 +879,7 @@ impl TableReplica {
                     field: e.field,
                     reason: e.reason,
                 });
+                found.retry.push(key_values);
                 return Ok(());
             }
         };
@@ -839,12 +942,14 @@ impl TableReplica {
     /// The second half: the changes become local versions, with the new anchor, in one
     /// commit.
     pub fn commit_changes(&mut self, detection: Detection) -> Result<DetectReport, SchemaError> {
-        let encoded = detection.anchor.as_ref().map(Anchor::encode);
+        let anchor = detection.anchor.as_ref().map(Anchor::encode);
+        let retry = encode_keys(&detection.retry);
+        let mut records: Vec<(&[u8], &[u8])> = vec![(RETRY_RECORD, &retry)];
+        if let Some(anchor) = &anchor {
+            records.push((ANCHOR_RECORD, anchor));
+        }
         self.replica
-            .apply_local_with_record(
-                &detection.changes,
-                encoded.as_deref().map(|a| (ANCHOR_RECORD, a)),
-            )
+            .apply_local_with_records(&detection.changes, &records)
             .map_err(SchemaError::from)?;
         self.replica.flush().map_err(SchemaError::from)?;
         Ok(detection.report)
@@ -1089,6 +1194,21 @@ mod tests {
         let x = row_prefix(&[Value::Text("a".into()), Value::Text("bc".into())]);
         let y = row_prefix(&[Value::Text("ab".into()), Value::Text("c".into())]);
         assert_ne!(x, y);
+    }
+
+    #[test]
+    fn retry_keys_round_trip_and_damage_is_an_error() {
+        let keys = vec![
+            vec![Value::Int(3)],
+            vec![Value::Text("a".into()), Value::Null],
+        ];
+        assert_eq!(decode_keys(&encode_keys(&keys)), Ok(keys.clone()));
+        assert_eq!(decode_keys(&encode_keys(&[])), Ok(Vec::new()));
+        let bytes = encode_keys(&keys);
+        for cut in 0..bytes.len() {
+            assert!(decode_keys(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(decode_keys(&[0xFF, 0xFF, 0xFF, 0x7F]).is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod csv_source;
 mod datasource;
 mod error;
 mod jsonl_source;
+mod postgres_source;
 mod replica;
 mod sled_items;
 mod sled_source;
@@ -27,6 +28,7 @@ pub use datasource::{
 };
 pub use error::StoreError;
 pub use jsonl_source::JsonlSource;
+pub use postgres_source::PostgresSource;
 pub use replica::{GcReport, Replica, ReplicaStatus, Take};
 pub use sled_items::SledItems;
 pub use sled_source::SledSource;

@@ -171,19 +171,19 @@ impl Replica {
         &mut self,
         changes: &[(ItemId, Option<Vec<u8>>)],
     ) -> Result<Vec<Version>, StoreError> {
-        self.apply_local_with_record(changes, None)
+        self.apply_local_with_records(changes, &[])
     }
 
-    /// `apply_local`, also setting an owner record (`Commit::set_owner_record`) in the
+    /// `apply_local`, also setting owner records (`Commit::set_owner_record`) in the
     /// same commit: a change detection's anchor moves exactly when its changes land.
-    pub fn apply_local_with_record(
+    pub fn apply_local_with_records(
         &mut self,
         changes: &[(ItemId, Option<Vec<u8>>)],
-        record: Option<(&[u8], &[u8])>,
+        records: &[(&[u8], &[u8])],
     ) -> Result<Vec<Version>, StoreError> {
         let now = self.clock.now_ms();
         let mut commit = self.metadata.begin();
-        if let Some((name, value)) = record {
+        for (name, value) in records {
             commit.set_owner_record(name, value);
         }
         let mut versions = Vec::with_capacity(changes.len());
@@ -222,10 +222,21 @@ impl Replica {
             written.insert(item, meta);
             versions.push(version);
         }
-        if !versions.is_empty() || record.is_some() {
+        if !versions.is_empty() || !records.is_empty() {
             self.metadata.commit(commit)?;
         }
         Ok(versions)
+    }
+
+    /// Moves this replica's hybrid clock past `seen`, durably: its next versions are
+    /// later than `seen` for last-writer-wins.
+    pub fn observe_clock(&mut self, seen: crate::model::Hlc) -> Result<(), StoreError> {
+        if self.metadata.last_hlc() >= seen {
+            return Ok(());
+        }
+        let mut commit = self.metadata.begin();
+        commit.observe(seen);
+        Ok(self.metadata.commit(commit)?)
     }
 
     /// Removes pending-apply markers (see `Commit::mark_pending`) in one commit.

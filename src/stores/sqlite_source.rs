@@ -23,6 +23,28 @@
 //!   is `Refused`; a `key` naming a field not in the table fails the call with
 //!   `NoSuchField`. Any other SQLite failure fails the call and rolls it back.
 //! - Identifiers are quoted; values are always bound, never written into SQL.
+//! - `read_keys` looks each key up (`WHERE key = ?`, bound); `scan_since` asks SQLite
+//!   (`WHERE column >= ?`), so SQLite's comparison rules apply.
+//!
+//! Change tracking: one table, `knit_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,
+//! entity TEXT, key TEXT, op TEXT, at_ms INTEGER)`, for every tracked entity, because
+//! an entity's name may hold any character and a name derived from it could clash;
+//! `entity` tells them apart, and indexes on `(entity, seq)` and `(entity, at_ms)` serve
+//! the reads. `key` is a JSON object that maps each key field to SQLite's literal of its
+//! value (`quote()`: `1`, `'mon'`, `3.000000000000000445e-01`, `NULL`), so a composite key
+//! comes back whole, an integer stays apart from a text, and a float key comes back
+//! exactly (JSON's own numbers would carry only SQLite's 15 digits); `op` is `insert`,
+//! `update` or `delete`; `at_ms` is SQLite's clock (`julianday('now')`) in ms since the
+//! Unix epoch. Three triggers per entity, `knit_track_insert_<entity>`,
+//! `knit_track_update_<entity>` and `knit_track_delete_<entity>`, write the rows, in
+//! the writer's own transaction, whoever the writer is; an update that changes the key
+//! records the old key, then the new one. They use only SQL that any SQLite with JSON
+//! (3.38 and later, or earlier builds with JSON1) runs, since other programs' SQLite
+//! runs them too. `install_tracking` creates what is missing and replaces a trigger
+//! whose text differs (a new key), so running it again is harmless; a key field not in
+//! the table is `NoSuchField`. Reading changes of an entity without its triggers fails
+//! with `Io` rather than finding nothing. SQLite lets one writer at a time commit, so
+//! its sequence follows commit order; the lookback costs only a few keys read twice.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -30,13 +52,32 @@ use std::time::Duration;
 
 use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{params_from_iter, Connection, ErrorCode, OpenFlags, OptionalExtension};
+use serde_json::Value as Json;
 
 use super::datasource::{
-    Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, Row, RowOutcome, Value,
+    Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, Row, RowOutcome, TrackingAnchor,
+    Value,
 };
 
 /// How long a call waits for another connection's lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// SQLite's clock in ms since the Unix epoch. `julianday` rather than
+/// `unixepoch('subsec')` (3.42+) because the triggers run in every writer's SQLite,
+/// however old.
+const NOW_MS: &str = "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)";
+
+/// The tracking table and its indexes; see the module documentation.
+const CREATE_TRACKING: &str = "
+    CREATE TABLE IF NOT EXISTS knit_changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        entity TEXT NOT NULL,
+        key TEXT NOT NULL,
+        op TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS knit_changes_entity_seq ON knit_changes (entity, seq);
+    CREATE INDEX IF NOT EXISTS knit_changes_entity_at_ms ON knit_changes (entity, at_ms);";
 
 /// A SQLite database; see the module documentation for the rules.
 #[derive(Debug)]
@@ -84,6 +125,107 @@ impl SqliteSource {
                 reason,
             },
         }
+    }
+
+    /// Runs `SELECT <every column> FROM <table> <filter>` with `params` bound and calls
+    /// `visit` with each row as `scan` reads it. A row that cannot be read fails the
+    /// call with `BadRow`, whose line counts on from `number` (the rows read so far).
+    fn select_rows(
+        &self,
+        table: &Table,
+        filter: &str,
+        params: impl IntoIterator<Item = SqlValue>,
+        number: &mut u64,
+        visit: &mut dyn FnMut(Row) -> Result<(), DatasourceError>,
+    ) -> Result<(), DatasourceError> {
+        let entity = table.name.as_str();
+        let sql = format!(
+            "SELECT {} FROM {} {filter}",
+            table
+                .columns
+                .iter()
+                .map(|c| quote(&c.name))
+                .collect::<Vec<_>>()
+                .join(", "),
+            quote(&table.name)
+        );
+        let mut stmt = self
+            .conn
+            .prepare_cached(&sql)
+            .map_err(|e| self.failed(entity, e))?;
+        let mut rows = stmt
+            .query(params_from_iter(params))
+            .map_err(|e| self.failed(entity, e))?;
+        loop {
+            let row = match rows.next() {
+                Ok(Some(row)) => row,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(self.failed(entity, e)),
+            };
+            *number += 1;
+            let bad = |reason: String| DatasourceError::BadRow {
+                datasource: self.name.clone(),
+                entity: entity.to_string(),
+                line: *number,
+                reason,
+            };
+            let mut out = Row::new();
+            for (i, column) in table.columns.iter().enumerate() {
+                let value = match row.get_ref(i).map_err(|e| self.failed(entity, e))? {
+                    ValueRef::Null => Value::Null,
+                    ValueRef::Integer(n) if column.field_type() == FieldType::Bool => {
+                        Value::Bool(n != 0)
+                    }
+                    ValueRef::Integer(n) => Value::Int(n),
+                    ValueRef::Real(f) => Value::Float(f),
+                    ValueRef::Text(bytes) => match std::str::from_utf8(bytes) {
+                        Ok(text) => Value::Text(text.to_string()),
+                        Err(_) => return Err(bad(format!("field {:?} is not UTF-8", column.name))),
+                    },
+                    ValueRef::Blob(_) => {
+                        return Err(bad(format!(
+                            "field {:?} holds a blob, which datasources do not carry",
+                            column.name
+                        )))
+                    }
+                };
+                out.insert(column.name.clone(), value);
+            }
+            visit(out)?;
+        }
+    }
+
+    /// SQLite's clock now, in ms since the Unix epoch.
+    fn now_ms(&self, entity: &str) -> Result<i64, DatasourceError> {
+        self.conn
+            .query_row(&format!("SELECT {NOW_MS}"), [], |row| row.get(0))
+            .map_err(|e| self.failed(entity, e))
+    }
+
+    /// The table of a tracked entity: fails unless `install_tracking` made its triggers,
+    /// so that a forgotten install cannot look like an entity that never changes.
+    fn tracked_table(&self, entity: &str, key: &[String]) -> Result<Table, DatasourceError> {
+        let table = self.table(entity)?;
+        table.check_key(&self.name, key)?;
+        let installed = self
+            .conn
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?1",
+                [trigger_name("insert", entity)],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_err(|e| self.failed(entity, e))?
+            .is_some();
+        if !installed {
+            return Err(DatasourceError::Io {
+                datasource: self.name.clone(),
+                reason: format!(
+                    "entity {entity}: change tracking is not installed (install_tracking)"
+                ),
+            });
+        }
+        Ok(table)
     }
 
     fn table(&self, entity: &str) -> Result<Table, DatasourceError> {
@@ -154,6 +296,113 @@ impl SqliteSource {
         };
         read().map_err(|e| self.failed(entity, e))
     }
+}
+
+fn trigger_name(operation: &str, entity: &str) -> String {
+    format!("knit_track_{operation}_{entity}")
+}
+
+/// The `CREATE TRIGGER` statements that track `table` by `key`, by trigger name. The
+/// text is compared with `sqlite_master.sql`, which keeps it as written, to find
+/// triggers made for another key.
+fn tracking_triggers(table: &str, key: &[String]) -> Vec<(String, String)> {
+    let entity = literal(table);
+    let key_json = |row: &str| {
+        let pairs: Vec<String> = key
+            .iter()
+            .map(|k| format!("{}, quote({row}.{})", literal(k), quote(k)))
+            .collect();
+        format!("json_object({})", pairs.join(", "))
+    };
+    let record = |row: &str, op: &str| {
+        format!(
+            "INSERT INTO knit_changes (entity, key, op, at_ms) SELECT {entity}, {}, '{op}', {NOW_MS}",
+            key_json(row)
+        )
+    };
+    let key_changed: Vec<String> = key
+        .iter()
+        .map(|k| format!("OLD.{0} IS NOT NEW.{0}", quote(k)))
+        .collect();
+    let target = quote(table);
+    let trigger = |operation: &str, event: &str, body: String| {
+        let name = trigger_name(operation, table);
+        let sql = format!(
+            "CREATE TRIGGER {} AFTER {event} ON {target} BEGIN {body}; END",
+            quote(&name)
+        );
+        (name, sql)
+    };
+    vec![
+        trigger("insert", "INSERT", record("NEW", "insert")),
+        trigger(
+            "update",
+            "UPDATE",
+            format!(
+                "{} WHERE {}; {}",
+                record("OLD", "update"),
+                key_changed.join(" OR "),
+                record("NEW", "update")
+            ),
+        ),
+        trigger("delete", "DELETE", record("OLD", "delete")),
+    ]
+}
+
+/// A text for SQL where a value cannot be bound (a trigger's body): single-quoted, with
+/// inner quotes doubled.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// A tracked key read back: the JSON object the triggers wrote, each field's SQL literal
+/// turned into the value `scan` would read. A field the object lacks (tracking installed
+/// for another key) reads as null.
+fn decode_key(table: &Table, key: &[String], text: &str) -> Result<Row, String> {
+    let object: serde_json::Map<String, Json> =
+        serde_json::from_str(text).map_err(|e| format!("tracked key {text:?}: {e}"))?;
+    let mut row = Row::new();
+    for field in key {
+        let is_bool = table
+            .columns
+            .iter()
+            .any(|c| &c.name == field && c.field_type() == FieldType::Bool);
+        let value = match object.get(field) {
+            None => Value::Null,
+            Some(Json::String(literal)) => from_literal(literal, is_bool)
+                .ok_or_else(|| format!("tracked key {text:?}: field {field:?} holds {literal}"))?,
+            Some(other) => {
+                return Err(format!(
+                    "tracked key {text:?}: field {field:?} holds {other}"
+                ))
+            }
+        };
+        row.insert(field.clone(), value);
+    }
+    Ok(row)
+}
+
+/// The value of one of SQLite's `quote()` literals, or `None` for a blob (which no
+/// datasource carries) or a text that is no such literal. Rust's float parsing is exact,
+/// so a real comes back bit for bit.
+fn from_literal(literal: &str, is_bool: bool) -> Option<Value> {
+    if literal == "NULL" {
+        return Some(Value::Null);
+    }
+    if let Some(inner) = literal
+        .strip_prefix('\'')
+        .and_then(|rest| rest.strip_suffix('\''))
+    {
+        return Some(Value::Text(inner.replace("''", "'")));
+    }
+    if let Ok(i) = literal.parse::<i64>() {
+        return Some(if is_bool {
+            Value::Bool(i != 0)
+        } else {
+            Value::Int(i)
+        });
+    }
+    literal.parse::<f64>().ok().map(Value::Float)
 }
 
 fn is_user_table(name: &str) -> bool {
@@ -383,59 +632,7 @@ impl Datasource for SqliteSource {
         visit: &mut dyn FnMut(Row) -> Result<(), DatasourceError>,
     ) -> Result<(), DatasourceError> {
         let table = self.table(entity)?;
-        let sql = format!(
-            "SELECT {} FROM {}",
-            table
-                .columns
-                .iter()
-                .map(|c| quote(&c.name))
-                .collect::<Vec<_>>()
-                .join(", "),
-            quote(&table.name)
-        );
-        let mut stmt = self
-            .conn
-            .prepare(&sql)
-            .map_err(|e| self.failed(entity, e))?;
-        let mut rows = stmt.query([]).map_err(|e| self.failed(entity, e))?;
-        let mut number = 0u64;
-        loop {
-            let row = match rows.next() {
-                Ok(Some(row)) => row,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(self.failed(entity, e)),
-            };
-            number += 1;
-            let bad = |reason: String| DatasourceError::BadRow {
-                datasource: self.name.clone(),
-                entity: entity.to_string(),
-                line: number,
-                reason,
-            };
-            let mut out = Row::new();
-            for (i, column) in table.columns.iter().enumerate() {
-                let value = match row.get_ref(i).map_err(|e| self.failed(entity, e))? {
-                    ValueRef::Null => Value::Null,
-                    ValueRef::Integer(n) if column.field_type() == FieldType::Bool => {
-                        Value::Bool(n != 0)
-                    }
-                    ValueRef::Integer(n) => Value::Int(n),
-                    ValueRef::Real(f) => Value::Float(f),
-                    ValueRef::Text(bytes) => match std::str::from_utf8(bytes) {
-                        Ok(text) => Value::Text(text.to_string()),
-                        Err(_) => return Err(bad(format!("field {:?} is not UTF-8", column.name))),
-                    },
-                    ValueRef::Blob(_) => {
-                        return Err(bad(format!(
-                            "field {:?} holds a blob, which datasources do not carry",
-                            column.name
-                        )))
-                    }
-                };
-                out.insert(column.name.clone(), value);
-            }
-            visit(out)?;
-        }
+        self.select_rows(&table, "", [], &mut 0, visit)
     }
 
     fn upsert(
@@ -489,6 +686,156 @@ impl Datasource for SqliteSource {
         })
         .map_err(|e| self.failed(entity, e))?;
         Ok(outcomes)
+    }
+
+    fn supports_tracking(&self) -> bool {
+        true
+    }
+
+    fn install_tracking(&mut self, entity: &str, key: &[String]) -> Result<(), DatasourceError> {
+        let table = self.table(entity)?;
+        table.check_key(&self.name, key)?;
+        if key.is_empty() {
+            return Err(DatasourceError::Unsupported {
+                datasource: self.name.clone(),
+                entity: entity.to_string(),
+                what: "change tracking without key fields".to_string(),
+            });
+        }
+        let install = |conn: &mut Connection| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            tx.execute_batch(CREATE_TRACKING)?;
+            for (name, sql) in tracking_triggers(&table.name, key) {
+                let existing: Option<String> = tx
+                    .query_row(
+                        "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?1",
+                        [&name],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                if existing.as_deref() != Some(sql.as_str()) {
+                    tx.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", quote(&name)))?;
+                    tx.execute_batch(&sql)?;
+                }
+            }
+            tx.commit()
+        };
+        install(&mut self.conn).map_err(|e| self.failed(entity, e))
+    }
+
+    fn tracked_changes(
+        &mut self,
+        entity: &str,
+        key: &[String],
+        since: TrackingAnchor,
+        lookback_ms: i64,
+        visit: &mut dyn FnMut(Row) -> Result<(), DatasourceError>,
+    ) -> Result<TrackingAnchor, DatasourceError> {
+        let table = self.tracked_table(entity, key)?;
+        let started_ms = self.now_ms(entity)?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, key FROM knit_changes
+                 WHERE entity = ?1 AND (seq > ?2 OR at_ms >= ?3) ORDER BY seq",
+            )
+            .map_err(|e| self.failed(entity, e))?;
+        let lower_ms = since.time_ms.saturating_sub(lookback_ms);
+        let mut rows = stmt
+            .query(rusqlite::params![entity, since.sequence, lower_ms])
+            .map_err(|e| self.failed(entity, e))?;
+        let mut sequence = since.sequence;
+        loop {
+            let row = match rows.next() {
+                Ok(Some(row)) => row,
+                Ok(None) => break,
+                Err(e) => return Err(self.failed(entity, e)),
+            };
+            let (seq, text): (i64, String) = row
+                .get(0)
+                .and_then(|seq| Ok((seq, row.get(1)?)))
+                .map_err(|e| self.failed(entity, e))?;
+            let changed =
+                decode_key(&table, key, &text).map_err(|reason| DatasourceError::BadRow {
+                    datasource: self.name.clone(),
+                    entity: entity.to_string(),
+                    line: u64::try_from(seq).unwrap_or(0),
+                    reason: format!("knit_changes seq {seq}: {reason}"),
+                })?;
+            sequence = sequence.max(seq);
+            visit(changed)?;
+        }
+        Ok(TrackingAnchor {
+            sequence,
+            time_ms: started_ms,
+        })
+    }
+
+    fn tracking_anchor(&mut self, entity: &str) -> Result<TrackingAnchor, DatasourceError> {
+        self.tracked_table(entity, &[])?;
+        let time_ms = self.now_ms(entity)?;
+        let sequence = self
+            .conn
+            .query_row(
+                "SELECT coalesce(max(seq), 0) FROM knit_changes WHERE entity = ?1",
+                [entity],
+                |row| row.get(0),
+            )
+            .map_err(|e| self.failed(entity, e))?;
+        Ok(TrackingAnchor { sequence, time_ms })
+    }
+
+    fn read_keys(
+        &mut self,
+        entity: &str,
+        key: &[String],
+        keys: &[Row],
+        visit: &mut dyn FnMut(Row) -> Result<(), DatasourceError>,
+    ) -> Result<(), DatasourceError> {
+        let table = self.table(entity)?;
+        table.check_key(&self.name, key)?;
+        if key.is_empty() {
+            return Ok(());
+        }
+        let filter = format!("WHERE {}", Table::key_condition(key));
+        // A key asked twice is read once, as a scan would find its row once.
+        let mut seen = BTreeSet::new();
+        let mut number = 0;
+        for wanted in keys {
+            // A null or missing key field matches no row (`= NULL` is never true).
+            let Some(values) = key
+                .iter()
+                .map(|k| wanted.get(k).filter(|v| !v.is_null()))
+                .collect::<Option<Vec<&Value>>>()
+            else {
+                continue;
+            };
+            if !seen.insert(format!("{values:?}")) {
+                continue;
+            }
+            let params = values.into_iter().map(bind);
+            self.select_rows(&table, &filter, params, &mut number, visit)?;
+        }
+        Ok(())
+    }
+
+    fn scan_since(
+        &mut self,
+        entity: &str,
+        column: &str,
+        lower: &Value,
+        visit: &mut dyn FnMut(Row) -> Result<(), DatasourceError>,
+    ) -> Result<(), DatasourceError> {
+        let table = self.table(entity)?;
+        table.check_key(&self.name, &[column.to_string()])?;
+        let column = quote(column);
+        if lower.is_null() {
+            // Every value is at or above nothing, but a null value never is.
+            let filter = format!("WHERE {column} IS NOT NULL");
+            return self.select_rows(&table, &filter, [], &mut 0, visit);
+        }
+        let filter = format!("WHERE {column} >= ?");
+        self.select_rows(&table, &filter, [bind(lower)], &mut 0, visit)
     }
 }
 

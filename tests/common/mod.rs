@@ -154,3 +154,30 @@ impl Net {
             .collect()
     }
 }
+
+/// The connection string of the test PostgreSQL server (`KNIT_TEST_PG`, which
+/// scripts/test sets after starting one). Without it a PostgreSQL test is skipped with
+/// a line saying so, except under CI, where a skipped test would hide a broken setup:
+/// there it fails.
+pub fn pg_conninfo() -> Option<String> {
+    match std::env::var("KNIT_TEST_PG") {
+        Ok(conninfo) if !conninfo.trim().is_empty() => Some(conninfo),
+        _ => {
+            let test = std::thread::current()
+                .name()
+                .unwrap_or("a PostgreSQL test")
+                .to_string();
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{test}: KNIT_TEST_PG is not set; run the tests with scripts/test, which starts PostgreSQL");
+            }
+            // Straight to stderr: the test harness would swallow `eprintln!` of a
+            // passing test, and the skip must show.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped {test}: KNIT_TEST_PG is not set (scripts/test starts PostgreSQL and sets it)"
+            );
+            None
+        }
+    }
+}
