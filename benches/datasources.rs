@@ -13,8 +13,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use knit::{
-    sync_schema, CancelToken, Datasources, DetectMode, Endpoint, Mapping, Projection, SqliteSource,
-    SyncSchema, TableReplica,
+    sync_schema, CancelToken, Datasources, DetectMode, Endpoint, Mapping, Projection, RunPhase,
+    SqliteSource, SyncSchema, TableReplica,
 };
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -196,14 +196,30 @@ fn postgres_figures(
         sync.mappings.push(Mapping::new(field, field, None));
     }
     let started = Instant::now();
+    // Where the time goes: the end of change detection (the first event with a total)
+    // and the last batch committed before the rows are written into PostgreSQL.
+    let mut detected_ms = 0.0;
+    let mut synced_ms = 0.0;
     let report = sync_schema(
         &sync,
         &datasources,
         &dir.join("pg-state"),
         &CancelToken::new(),
-        &mut |_| {},
+        &mut |event| {
+            if event.phase == RunPhase::Syncing {
+                if detected_ms == 0.0 {
+                    detected_ms = ms(started);
+                }
+                synced_ms = ms(started);
+            }
+        },
     );
     let knit_ms = ms(started);
+    println!(
+        "  (detection {detected_ms:.0} ms, sessions {:.0} ms, writing into PostgreSQL and the rest {:.0} ms)",
+        synced_ms - detected_ms,
+        knit_ms - synced_ms
+    );
     if report.applied as usize != rows {
         return Err(format!(
             "the sync applied {} of {rows} rows: {}",

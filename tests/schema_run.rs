@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use common::TestResult;
 use knit::{
     run_schema, CancelToken, Datasources, Endpoint, Mapping, RunReport, RunStatus, SchemaError,
-    SyncDirection, SyncSchema,
+    SyncDirection, SyncSchema, SyncType,
 };
 
 struct Setup {
@@ -252,5 +252,25 @@ fn a_datasource_config_with_a_mistake_names_the_line() -> TestResult {
         "{}",
         report.message
     );
+    Ok(())
+}
+
+#[test]
+fn incremental_from_a_csv_store_fails_validation_naming_the_datasource() -> TestResult {
+    let setup = Setup::new(3)?;
+    let mut schema = setup.schema();
+    // The CSV side sends: it would have to be read incrementally.
+    schema.direction = SyncDirection::Bidirectional;
+    schema.sync_type = SyncType::Incremental;
+    let report = setup.run(&schema);
+    assert_eq!(report.status, RunStatus::Failed);
+    assert!(
+        report.message.contains("sync_type")
+            && report.message.contains("export")
+            && report.message.contains("csv"),
+        "{}",
+        report.message
+    );
+    assert_eq!(setup.csv_rows()?, 0, "nothing was written");
     Ok(())
 }

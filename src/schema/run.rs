@@ -571,14 +571,16 @@ fn try_run(
         if schema.sync_type != SyncType::Incremental || !sends {
             continue;
         }
+        // A file or sled store has no query by modified-at either: reading "only what
+        // changed" would read everything, so Incremental would only pretend.
         match &endpoint.modified_at {
-            None if !store.supports_tracking() => problems.push(SchemaError::InvalidValue {
+            _ if !store.supports_tracking() => problems.push(SchemaError::InvalidValue {
                 schema: schema.id.clone(),
                 path: "sync_type".into(),
                 value: "incremental".into(),
                 reason: format!(
-                    "datasource {} cannot track changes (no triggers in a {} store), and \
-                     {side}.modified_at names no column",
+                    "datasource {} is a {} store, which cannot read only the rows changed \
+                     since the last run (Incremental needs SQLite or PostgreSQL)",
                     endpoint.datasource,
                     datasources.kind_name(&endpoint.datasource)
                 ),

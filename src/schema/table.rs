@@ -895,6 +895,12 @@ impl TableReplica {
         let mut changed = false;
         for (unit, value) in units {
             let id = unit_id(&prefix, &unit)?;
+            if is_new {
+                // A row that is new (or back after a delete) holds no live unit: every
+                // unit is a change, and looking each one up would find nothing.
+                found.changes.push((id, Some(encode_value(&value))));
+                continue;
+            }
             let stored = metadata
                 .item_record(&id)
                 .map_err(StoreError::from)?

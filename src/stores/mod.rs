@@ -1,7 +1,7 @@
 //! Item stores, datasources and replicas. A [`Replica`] is a metadata store plus an item
 //! store; it implements both provider roles, so the orchestrator syncs any two replicas.
-//! Datasources (CSV, JSON Lines, SQLite) are the row stores that schema-driven sync keeps
-//! in step; their contract is in `datasource.rs`.
+//! Datasources (CSV, JSON Lines, SQLite, PostgreSQL, sled) are the row stores that
+//! schema-driven sync keeps in step; their contract is in `datasource.rs`.
 //!
 //! Invariants:
 //! - Every local change takes a fresh tick in the same commit as its data and metadata.

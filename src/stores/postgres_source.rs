@@ -675,9 +675,26 @@ fn per_row<T>(
     let mut outcomes = Vec::with_capacity(items.len());
     let mut statements = Statements::new();
     let mut tx = client.transaction()?;
+    per_row_in(&mut tx, &mut statements, items, &mut write, &mut outcomes)?;
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+/// `per_row` inside a transaction the caller holds, appending to `outcomes`.
+fn per_row_in<T>(
+    tx: &mut Transaction<'_>,
+    statements: &mut Statements,
+    items: &[T],
+    write: &mut impl FnMut(
+        &mut Transaction<'_>,
+        &mut Statements,
+        &T,
+    ) -> Result<Result<(), String>, postgres::Error>,
+    outcomes: &mut Vec<RowOutcome>,
+) -> Result<(), postgres::Error> {
     for item in items {
         let mut savepoint = tx.transaction()?;
-        match write(&mut savepoint, &mut statements, item) {
+        match write(&mut savepoint, statements, item) {
             Ok(Ok(())) => {
                 savepoint.commit()?;
                 outcomes.push(RowOutcome::Written);
@@ -695,8 +712,116 @@ fn per_row<T>(
             },
         }
     }
+    Ok(())
+}
+
+/// Rows per multi-row statement: PostgreSQL takes at most 65,535 parameters.
+fn rows_per_statement(columns: usize) -> usize {
+    (60_000 / columns.max(1)).clamp(1, 1000)
+}
+
+/// Upserts `rows` in one transaction. Runs of rows that carry every field, with
+/// distinct keys and a unique index on the key, go as one multi-row `INSERT .. ON
+/// CONFLICT` under a savepoint (a round trip per thousand rows instead of three per
+/// row); if the server refuses such a statement, its rows are written again one by
+/// one, each under its own savepoint, so that exactly the refused rows are reported.
+fn upsert_rows(
+    client: &mut Client,
+    table: &Table,
+    key: &[String],
+    rows: &[Row],
+) -> Result<Vec<RowOutcome>, postgres::Error> {
+    let unique = table.key_is_unique(key);
+    let mut outcomes = Vec::with_capacity(rows.len());
+    let mut statements = Statements::new();
+    let mut tx = client.transaction()?;
+    let mut write = |savepoint: &mut Transaction<'_>, statements: &mut Statements, row: &Row| {
+        if let Err(reason) = table.check_row(key, row) {
+            return Ok(Err(reason));
+        }
+        upsert_row(savepoint, statements, table, key, row, unique).map(Ok)
+    };
+    for part in rows.chunks(rows_per_statement(table.columns.len())) {
+        let whole = unique
+            && part.len() > 1
+            && part
+                .iter()
+                .all(|r| r.len() == table.columns.len() && table.check_row(key, r).is_ok())
+            && {
+                let mut keys = std::collections::HashSet::new();
+                part.iter().all(|r| {
+                    keys.insert(
+                        key.iter()
+                            .map(|k| table.bound(k, &r[k]))
+                            .collect::<Vec<_>>(),
+                    )
+                })
+            };
+        if whole {
+            let mut savepoint = tx.transaction()?;
+            match upsert_many(&mut savepoint, table, key, part) {
+                Ok(()) => {
+                    savepoint.commit()?;
+                    outcomes.extend(part.iter().map(|_| RowOutcome::Written));
+                    continue;
+                }
+                Err(e) if refusal(&e).is_some() => savepoint.rollback()?,
+                Err(e) => return Err(e),
+            }
+        }
+        per_row_in(&mut tx, &mut statements, part, &mut write, &mut outcomes)?;
+    }
     tx.commit()?;
     Ok(outcomes)
+}
+
+/// One `INSERT .. VALUES (..), (..) ON CONFLICT (key) DO UPDATE` for rows that each
+/// carry every field of the table.
+fn upsert_many(
+    tx: &mut Transaction<'_>,
+    table: &Table,
+    key: &[String],
+    rows: &[Row],
+) -> Result<(), postgres::Error> {
+    let Some(first) = rows.first() else {
+        return Ok(());
+    };
+    let columns: Vec<&String> = first.keys().collect();
+    let mut values: Vec<Option<String>> = Vec::with_capacity(rows.len() * columns.len());
+    let mut tuples = Vec::with_capacity(rows.len());
+    for row in rows {
+        let mut placeholders = Vec::with_capacity(columns.len());
+        for column in &columns {
+            values.push(table.bound(column, &row[*column]));
+            if let Some(c) = table.column(column) {
+                placeholders.push(c.parameter(values.len()));
+            }
+        }
+        tuples.push(format!("({})", placeholders.join(", ")));
+    }
+    let others: Vec<String> = columns
+        .iter()
+        .filter(|c| !key.contains(c))
+        .map(|c| format!("{0} = EXCLUDED.{0}", quote(c)))
+        .collect();
+    let action = if others.is_empty() {
+        "NOTHING".to_string()
+    } else {
+        format!("UPDATE SET {}", others.join(", "))
+    };
+    let sql = format!(
+        "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) DO {action}",
+        table.qualified,
+        columns
+            .iter()
+            .map(|c| quote(c))
+            .collect::<Vec<_>>()
+            .join(", "),
+        tuples.join(", "),
+        key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", "),
+    );
+    tx.execute(sql.as_str(), &as_params(&values))?;
+    Ok(())
 }
 
 impl Datasource for PostgresSource {
@@ -760,14 +885,7 @@ impl Datasource for PostgresSource {
     ) -> Result<Vec<RowOutcome>, DatasourceError> {
         let table = self.table(entity)?;
         table.check_key(&self.name, key)?;
-        let unique = table.key_is_unique(key);
-        per_row(&mut self.client, rows, |savepoint, statements, row| {
-            if let Err(reason) = table.check_row(key, row) {
-                return Ok(Err(reason));
-            }
-            upsert_row(savepoint, statements, &table, key, row, unique).map(Ok)
-        })
-        .map_err(|e| self.failed(entity, e))
+        upsert_rows(&mut self.client, &table, key, rows).map_err(|e| self.failed(entity, e))
     }
 
     fn delete(
