@@ -746,8 +746,18 @@ fn try_run(
     }
     events.total = Some(total);
     events.emit(RunPhase::Syncing);
-    let source_values = source.unit_values(&source_unknown)?;
-    let destination_values = destination.unit_values(&destination_unknown)?;
+    // Only a unit both sides changed can conflict: keep the values of those (an
+    // initial sync reads none).
+    let both: Vec<ItemId> = {
+        let theirs: BTreeSet<&ItemId> = destination_unknown.iter().collect();
+        source_unknown
+            .iter()
+            .filter(|i| theirs.contains(i))
+            .cloned()
+            .collect()
+    };
+    let source_values = source.unit_values(&both)?;
+    let destination_values = destination.unit_values(&both)?;
 
     // A row deleted on one side and updated on the other is settled for the whole row.
     let settled = settle_update_delete(
