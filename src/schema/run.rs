@@ -678,8 +678,12 @@ fn try_run(
             detections.push(None);
             continue;
         }
-        let detection = side.detect_changes(mode)?;
-        events.rows_read += detection.report.rows_read;
+        let before = events.rows_read;
+        let detection = side.detect_changes_observed(mode, &mut |read| {
+            events.rows_read = before + read;
+            events.emit(RunPhase::Reading);
+        })?;
+        events.rows_read = before + detection.report.rows_read;
         events.emit(RunPhase::Reading);
         let deleted = detection.report.deleted;
         if deleted > 0 && !schema.allow_mass_delete {
@@ -786,7 +790,6 @@ fn try_run(
         } else {
             (&mut destination, &mut source)
         };
-        receiver.reset_staged_rows();
         let base = events.done;
         let receiver_counter = receiver.staged_counter();
         let staged = move || receiver_counter.count();

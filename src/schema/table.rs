@@ -96,8 +96,16 @@ impl Detection {
     }
 }
 
+/// Most local versions one commit of a detection writes.
+const COMMIT_CHUNK: usize = 10_000;
+
+/// Rows between two progress calls of a detection.
+const READ_PROGRESS_EVERY: u64 = 1000;
+
 /// What the rows read so far by a detection have turned into.
-struct Findings {
+struct Findings<'a> {
+    /// Hears the count of rows read, every `READ_PROGRESS_EVERY` rows.
+    observe: &'a mut dyn FnMut(u64),
     report: DetectReport,
     changes: Vec<(ItemId, Option<Vec<u8>>)>,
     /// Row prefixes already settled (read, found absent, or pending): the Full sweep
@@ -326,13 +334,19 @@ impl ItemStore for RowUnits {
         if self.recording.load(Ordering::SeqCst) {
             let (prefix, _) = split_unit(item.as_bytes())
                 .ok_or_else(|| format!("item {item} is not a row unit"))?;
-            commit.mark_pending(prefix);
-            // Units arrive in id order, so a row's units are adjacent.
-            if let Ok(mut staged) = self.staged.lock() {
-                if staged.last != prefix {
+            // Units arrive in id order, so a row's units are adjacent: its marker is
+            // written with its first unit (markers stay until the session is over, and
+            // a commit that fails ends the session).
+            let first_unit = self.staged.lock().map_or(true, |mut staged| {
+                let first = staged.last != prefix;
+                if first {
                     staged.last = prefix.to_vec();
                     staged.count += 1;
                 }
+                first
+            });
+            if first_unit {
+                commit.mark_pending(prefix);
             }
         }
         Ok(())
@@ -638,6 +652,16 @@ impl TableReplica {
 
     /// The first half of a detection in `mode`.
     pub fn detect_changes(&mut self, mode: DetectMode) -> Result<Detection, SchemaError> {
+        self.detect_changes_observed(mode, &mut |_| {})
+    }
+
+    /// `detect_changes`, telling `observe` how many rows it has read every thousand
+    /// rows, so that a long read shows progress.
+    pub fn detect_changes_observed(
+        &mut self,
+        mode: DetectMode,
+        observe: &mut dyn FnMut(u64),
+    ) -> Result<Detection, SchemaError> {
         let pending: BTreeSet<Vec<u8>> = self
             .replica
             .metadata()
@@ -646,6 +670,7 @@ impl TableReplica {
             .into_iter()
             .collect();
         let mut found = Findings {
+            observe,
             report: DetectReport::default(),
             changes: Vec::new(),
             settled: pending.clone(),
@@ -801,7 +826,7 @@ impl TableReplica {
     /// Returns the highest modified-at value read when `watch` is set.
     fn read_all(
         &mut self,
-        found: &mut Findings,
+        found: &mut Findings<'_>,
         watch: bool,
     ) -> Result<Option<Value>, SchemaError> {
         let mut rows: Vec<Row> = Vec::new();
@@ -839,8 +864,11 @@ impl TableReplica {
     }
 
     /// Compares one row read from the datasource with its units.
-    fn consider_row(&mut self, row: Row, found: &mut Findings) -> Result<(), SchemaError> {
+    fn consider_row(&mut self, row: Row, found: &mut Findings<'_>) -> Result<(), SchemaError> {
         found.report.rows_read += 1;
+        if found.report.rows_read % READ_PROGRESS_EVERY == 0 {
+            (found.observe)(found.report.rows_read);
+        }
         let key_values: Vec<Value> = self
             .key
             .iter()
@@ -924,7 +952,7 @@ impl TableReplica {
 
     /// Tombstones for every live unit of a row that is absent (gone, filtered out or
     /// marked deleted).
-    fn remove_row(&mut self, prefix: &[u8], found: &mut Findings) -> Result<(), SchemaError> {
+    fn remove_row(&mut self, prefix: &[u8], found: &mut Findings<'_>) -> Result<(), SchemaError> {
         found.settled.insert(prefix.to_vec());
         for entry in self.replica.metadata().items_from(prefix) {
             let (id, meta) = entry.map_err(StoreError::from)?;
@@ -954,9 +982,23 @@ impl TableReplica {
         if let Some(anchor) = &anchor {
             records.push((ANCHOR_RECORD, anchor));
         }
-        self.replica
-            .apply_local_with_records(&detection.changes, &records)
-            .map_err(SchemaError::from)?;
+        // Commits of bounded size: sled writes one huge batch more slowly than several
+        // smaller ones, and then reads it back slowly once (an initial load of 600,000
+        // units took twice as long end to end). Only the last commit moves the anchor,
+        // so a crash in between leaves the anchor behind the versions, and the next
+        // detection reads those rows again and finds them unchanged.
+        let mut chunks = detection.changes.chunks(COMMIT_CHUNK).peekable();
+        if chunks.peek().is_none() {
+            self.replica
+                .apply_local_with_records(&[], &records)
+                .map_err(SchemaError::from)?;
+        }
+        while let Some(chunk) = chunks.next() {
+            let last = chunks.peek().is_none();
+            self.replica
+                .apply_local_with_records(chunk, if last { &records } else { &[] })
+                .map_err(SchemaError::from)?;
+        }
         self.replica.flush().map_err(SchemaError::from)?;
         Ok(detection.report)
     }
@@ -982,6 +1024,8 @@ impl TableReplica {
         options: &SessionOptions,
         observer: &mut dyn SyncObserver,
     ) -> Result<(SyncReport, ApplyReport, ApplyReport), SchemaError> {
+        self.reset_staged_rows();
+        other.reset_staged_rows();
         self.recording.store(true, Ordering::SeqCst);
         other.recording.store(true, Ordering::SeqCst);
         let report = self
@@ -1003,6 +1047,9 @@ impl TableReplica {
         options: &SessionOptions,
         observer: &mut dyn SyncObserver,
     ) -> Result<(SessionStats, ApplyReport), SchemaError> {
+        // A new session marks every row it touches afresh: the last one's markers
+        // were cleared when its rows were written.
+        other.reset_staged_rows();
         other.recording.store(true, Ordering::SeqCst);
         let stats = crate::sync::run_session(
             &mut self.replica,
