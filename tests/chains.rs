@@ -314,3 +314,71 @@ fn random_edits_on_a_chain_converge_to_one_state() -> TestResult {
         })
         .map_err(|e| e.to_string().into())
 }
+
+#[test]
+fn incremental_from_postgres_sees_writes_deletes_and_a_late_commit() -> TestResult {
+    let Some(conninfo) = common::pg_conninfo() else {
+        return Ok(());
+    };
+    let mut chain = Chain::new(&conninfo)?;
+    let mut seed = String::new();
+    for id in 1..=6 {
+        seed.push_str(&format!(
+            "INSERT INTO customers VALUES ({id}, 'name{id}', 'mail{id}');"
+        ));
+    }
+    chain.postgres(&seed)?;
+    let mut schema = chain.schema("b_a", "b", "a");
+    schema.direction = SyncDirection::SourceToDestination;
+    schema.sync_type = knit::SyncType::Incremental;
+    schema.lookback = 60;
+    let run = |chain: &Chain| {
+        sync_schema(
+            &schema,
+            &chain.datasources,
+            &chain.dir.path().join("state"),
+            &CancelToken::new(),
+            &mut |_| {},
+        )
+    };
+    let first = run(&chain);
+    assert_eq!(
+        (first.status, first.inserted),
+        (RunStatus::Success, 6),
+        "{first:?}"
+    );
+
+    // A transaction that takes its sequence number now and commits after the next run
+    // has read: its change must still arrive, by the lookback.
+    let mut late = postgres::Client::connect(&conninfo, postgres::NoTls)?;
+    let mut tx = late.transaction()?;
+    tx.batch_execute(&format!(
+        "UPDATE {}.customers SET name = 'late' WHERE id = 1",
+        chain.pg_schema
+    ))?;
+    chain.postgres("UPDATE customers SET email = 'new2' WHERE id = 2; DELETE FROM customers WHERE id = 3; INSERT INTO customers VALUES (7, 'name7', 'mail7');")?;
+    let second = run(&chain);
+    assert_eq!(
+        (second.inserted, second.updated, second.deleted),
+        (1, 1, 1),
+        "{second:?}"
+    );
+    assert!(second.rows_read <= 3, "read only what changed: {second:?}");
+    tx.commit()?;
+    let third = run(&chain);
+    assert_eq!(
+        (third.inserted, third.updated, third.deleted),
+        (0, 1, 0),
+        "the late commit arrives once: {third:?}"
+    );
+    let a = chain.sqlite_rows()?;
+    assert_eq!(a, chain.postgres_rows()?);
+    assert_eq!(a.get("1"), Some(&row("late", "mail1")));
+    let fourth = run(&chain);
+    assert_eq!(
+        (fourth.inserted, fourth.updated, fourth.deleted),
+        (0, 0, 0),
+        "{fourth:?}"
+    );
+    Ok(())
+}
