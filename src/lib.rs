@@ -11,6 +11,7 @@ mod cli;
 mod metadata;
 mod model;
 mod schema;
+mod sim;
 mod stores;
 mod sync;
 
@@ -32,6 +33,12 @@ pub use schema::{
     RowFailure, RunPhase, RunProgress, RunRecord, RunReport, RunStatus, SchemaError, SchemaSet,
     SyncDirection, SyncManager, SyncSchema, SyncType, TableReplica, Transform, TransformError,
     UnitError, UnitRule, Winner, DEFAULT_RETENTION,
+};
+pub use sim::{
+    simulate, simulate_with, ConflictTally, Faults, KeySpace, OperationMix, Phase, PolicyChoice,
+    ReplicaFactory, RunTotals, Scenario, ScenarioError, SimError, SimReplica, SimReport,
+    SledReplicas, StepMetrics, Topology, Violation, ViolationKind, MAX_SIM_KEYS, MAX_SIM_REPLICAS,
+    MAX_SIM_STEPS,
 };
 pub use stores::{
     CsvSource, Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, GcReport,

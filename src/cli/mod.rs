@@ -21,6 +21,7 @@ mod demo;
 mod run;
 mod schema_cmd;
 mod shop_demo;
+mod sim;
 mod sync;
 
 use std::fmt::Display;
@@ -153,6 +154,19 @@ enum Command {
         /// The engine demo: three key-value replicas instead of the shop example
         #[arg(long)]
         engine: bool,
+    },
+    /// Run a simulation scenario (TOML) over real replicas; exit 1 on a violation
+    Sim {
+        scenario: PathBuf,
+        /// The seed to run (default 0)
+        #[arg(long, value_name = "N", conflicts_with = "seeds")]
+        seed: Option<u64>,
+        /// Run every seed from A up to B (B left out)
+        #[arg(long, value_name = "A..B", value_parser = sim::parse_seeds)]
+        seeds: Option<std::ops::Range<u64>>,
+        /// One JSON object per seed
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -376,6 +390,22 @@ fn dispatch(command: Command, out: &mut dyn Write) -> CliResult {
         }
         Command::Demo { dir, engine: true } => demo::demo(dir, out),
         Command::Demo { dir, engine: false } => shop_demo::demo(dir, out),
+        Command::Sim {
+            scenario,
+            seed,
+            seeds,
+            json,
+        } => sim::sim(
+            &sim::SimArgs {
+                scenario,
+                seeds: seeds.unwrap_or_else(|| {
+                    let seed = seed.unwrap_or(0);
+                    seed..seed.saturating_add(1)
+                }),
+                json,
+            },
+            out,
+        ),
     }
 }
 
