@@ -615,6 +615,29 @@ fn d3a_incremental_over_modified_at_syncs_only_changed_rows_and_reruns_as_a_no_o
 }
 
 #[test]
+fn d3_a_full_run_leaves_the_watermark_for_the_next_incremental_one() -> TestResult {
+    let lab = d3_lab()?;
+    let incremental = incremental_schema(&["name", "email"], 0);
+    let mut full = incremental.clone();
+    full.sync_type = SyncType::Full;
+    let first = lab.run(&full);
+    assert_eq!(
+        first.watermark_after.as_deref(),
+        Some("2024-05-01 10:40:00"),
+        "{first:?}"
+    );
+    lab.s(D3_CHANGES)?;
+    let second = lab.run(&incremental);
+    assert_eq!(
+        counts(&second),
+        (RunStatus::Success, 2, 3, 0, 0),
+        "{second:?}"
+    );
+    assert_eq!(second.rows_read, 6, "only what changed, and row 40 again");
+    Ok(())
+}
+
+#[test]
 fn d3b_an_incremental_read_touches_only_rows_at_or_above_the_watermark() -> TestResult {
     let lab = d3_lab()?;
     let schema = incremental_schema(&["name", "email"], 0);

@@ -274,3 +274,28 @@ fn incremental_from_a_csv_store_fails_validation_naming_the_datasource() -> Test
     assert_eq!(setup.csv_rows()?, 0, "nothing was written");
     Ok(())
 }
+
+#[test]
+fn a_postgres_datasource_without_its_connection_string_names_what_is_missing() -> TestResult {
+    let datasources = Datasources::from_toml(
+        "[datasources.warehouse]\nkind = \"postgres\"\nconninfo_env = \"KNIT_TEST_SURELY_UNSET_VAR\"\n\n\
+         [datasources.both]\nkind = \"postgres\"\nconninfo = \"host=127.0.0.1\"\nconninfo_env = \"X\"\n\n\
+         [datasources.files]\nkind = \"csv\"\n",
+        Path::new("."),
+        "datasources.toml",
+    )?;
+    for (name, words) in [
+        ("warehouse", "KNIT_TEST_SURELY_UNSET_VAR"),
+        ("both", "exactly one of conninfo, conninfo_env"),
+        ("files", "needs a path"),
+    ] {
+        match datasources.open(name) {
+            Err(e) => {
+                let text = e.to_string();
+                assert!(text.contains(name) && text.contains(words), "{text}");
+            }
+            Ok(_) => return Err(format!("{name} opened without its settings").into()),
+        }
+    }
+    Ok(())
+}

@@ -681,8 +681,10 @@ impl TableReplica {
         let anchor_before = stored.as_ref().map(ToString::to_string);
         let anchor = match (mode, stored) {
             (DetectMode::Full, _) => {
-                self.read_all(&mut found, false)?;
-                None
+                // A Full read sees every modified-at value: it leaves the watermark
+                // where the next Incremental read should start.
+                let watch = self.modified_at.is_some();
+                self.read_all(&mut found, watch)?.map(Anchor::ModifiedAt)
             }
             (DetectMode::Incremental { .. }, None) => {
                 // No anchor yet: read everything, taking the anchor first so that what
