@@ -113,6 +113,123 @@ fn the_command_prints_the_same_bytes_for_the_same_seed() -> TestResult {
     Ok(())
 }
 
+/// What each panel of `--plot` is captioned; a reader finds the metric by it.
+const PLOT_LABELS: [&str; 4] = [
+    "knowledge exceptions (max over replicas)",
+    "tombstones held (sum over replicas)",
+    "conflicts per step",
+    "changes sent per step",
+];
+
+#[test]
+fn the_plot_is_svg_naming_scenario_seeds_and_metrics_and_the_same_bytes_each_run() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let file = example("mesh5");
+    let file = file.to_str().ok_or("path is not UTF-8")?;
+    let first = dir.path().join("first.svg");
+    let second = dir.path().join("second.svg");
+
+    let (code, table, stderr) = knit_sim(&[
+        file,
+        "--seeds",
+        "0..2",
+        "--plot",
+        first.to_str().ok_or("path is not UTF-8")?,
+    ])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        table.ends_with(&format!("plot: {} (seeds 0, 1)\n", first.display())),
+        "{table}"
+    );
+    let svg = std::fs::read_to_string(&first)?;
+    assert!(
+        svg.starts_with("<svg") || svg.starts_with("<?xml"),
+        "{}",
+        &svg[..svg.len().min(100)]
+    );
+    assert!(svg.trim_end().ends_with("</svg>"));
+    for text in ["scenario mesh5", "seeds 0, 1", "seed 0", "seed 1", "step ("]
+        .into_iter()
+        .chain(PLOT_LABELS)
+    {
+        assert!(svg.contains(text), "the plot lacks {text:?}");
+    }
+
+    // JSON output stays one object per seed, and the plot is the same bytes.
+    let (code, json, stderr) = knit_sim(&[
+        file,
+        "--seeds",
+        "0..2",
+        "--json",
+        "--plot",
+        second.to_str().ok_or("path is not UTF-8")?,
+    ])?;
+    assert_eq!(code, 0, "{stderr}");
+    for line in json.lines() {
+        serde_json::from_str::<serde_json::Value>(line)?;
+    }
+    assert_eq!(json.lines().count(), 2, "{json}");
+    assert!(
+        std::fs::read(&second)? == svg.as_bytes(),
+        "two runs drew different plots"
+    );
+
+    // Nothing else was left in the folder (no temporary file).
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    assert_eq!(names, ["first.svg", "second.svg"]);
+    Ok(())
+}
+
+#[test]
+fn a_plot_into_a_missing_folder_is_refused_before_any_seed_runs() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let plot = dir.path().join("no-such-folder").join("plot.svg");
+    let plot_text = plot.to_str().ok_or("path is not UTF-8")?;
+    let file = example("mesh5");
+    let (code, stdout, stderr) = knit_sim(&[
+        file.to_str().ok_or("path is not UTF-8")?,
+        "--plot",
+        plot_text,
+    ])?;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(plot_text) && stderr.contains("does not exist"),
+        "{stderr}"
+    );
+    assert_eq!(stdout, "", "a seed ran before the path was checked");
+    assert!(!plot.exists() && !dir.path().join("no-such-folder").exists());
+    Ok(())
+}
+
+/// The folder exists but the file cannot be put there (a folder already has its
+/// name): the simulation runs, the write fails, and neither a partial plot nor the
+/// temporary file it was written to is left behind.
+#[test]
+fn a_plot_that_cannot_be_written_names_the_path_and_leaves_no_file() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let plot = dir.path().join("taken.svg");
+    std::fs::create_dir(&plot)?;
+    let plot_text = plot.to_str().ok_or("path is not UTF-8")?;
+    let file = example("mesh5");
+    let (code, _, stderr) = knit_sim(&[
+        file.to_str().ok_or("path is not UTF-8")?,
+        "--plot",
+        plot_text,
+    ])?;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot write the plot {plot_text}")),
+        "{stderr}"
+    );
+    let names: Vec<_> = std::fs::read_dir(dir.path())?.collect::<Result<_, _>>()?;
+    assert_eq!(names.len(), 1, "left behind: {names:?}");
+    assert_eq!(std::fs::read_dir(&plot)?.count(), 0);
+    Ok(())
+}
+
 #[test]
 fn a_bad_scenario_names_file_line_and_field() -> TestResult {
     let dir = tempfile::tempdir()?;

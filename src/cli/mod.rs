@@ -167,6 +167,10 @@ enum Command {
         /// One JSON object per seed
         #[arg(long)]
         json: bool,
+        /// Also draw exceptions, tombstones, conflicts and changes sent over the steps
+        /// as an SVG file: one line per seed that passed, the first 8 at most
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
     },
 }
 
@@ -395,6 +399,7 @@ fn dispatch(command: Command, out: &mut dyn Write) -> CliResult {
             seed,
             seeds,
             json,
+            plot,
         } => sim::sim(
             &sim::SimArgs {
                 scenario,
@@ -403,6 +408,7 @@ fn dispatch(command: Command, out: &mut dyn Write) -> CliResult {
                     seed..seed.saturating_add(1)
                 }),
                 json,
+                plot,
             },
             out,
         ),

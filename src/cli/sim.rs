@@ -1,20 +1,27 @@
 //! `knit sim`: runs a scenario file under one seed or a range of seeds and prints one
 //! line (or one JSON object) per seed. Output depends only on the scenario, the seeds
-//! and the commit, so two runs can be compared byte for byte.
+//! and the commit, so two runs can be compared byte for byte. `--plot FILE.svg` also
+//! draws the seeds that passed (the first `MAX_PLOTTED_SEEDS`) over their steps; the
+//! file, too, is the same bytes for the same seeds.
 
 use std::io::Write;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
 use super::{CliResult, Failure};
-use crate::sim::{simulate, Scenario, SimError, SimReport, Violation};
+use crate::sim::{
+    check_plot_path, plot_reports, simulate, Scenario, SimError, SimReport, Violation,
+    MAX_PLOTTED_SEEDS,
+};
 
 pub(super) struct SimArgs {
     pub scenario: PathBuf,
     pub seeds: Range<u64>,
     pub json: bool,
+    /// Where to draw the metrics of the seeds that passed, as SVG.
+    pub plot: Option<PathBuf>,
 }
 
 /// `A..B`: the seeds from A up to B, B left out (as a Rust range).
@@ -35,6 +42,10 @@ const HEADER: &str = "seed   steps   syncs  conflicts  rounds  max exceptions  t
 
 pub(super) fn sim(args: &SimArgs, out: &mut dyn Write) -> CliResult {
     let scenario = Scenario::load(&args.scenario).map_err(|e| Failure::Error(e.to_string()))?;
+    // A mistyped folder fails now, not after every seed has run.
+    if let Some(plot) = &args.plot {
+        check_plot_path(plot).map_err(|e| Failure::Error(e.to_string()))?;
+    }
     if !args.json {
         writeln!(
             out,
@@ -44,6 +55,10 @@ pub(super) fn sim(args: &SimArgs, out: &mut dyn Write) -> CliResult {
         writeln!(out, "{HEADER}")?;
     }
     let mut violations: Vec<Violation> = Vec::new();
+    // Kept only for the plot, and only as many as it draws: a long run's report holds
+    // every step.
+    let mut plotted: Vec<SimReport> = Vec::new();
+    let mut passed = 0usize;
     for seed in args.seeds.clone() {
         match simulate(&scenario, seed) {
             Ok(report) => {
@@ -51,6 +66,10 @@ pub(super) fn sim(args: &SimArgs, out: &mut dyn Write) -> CliResult {
                     writeln!(out, "{}", report_json(&report))?;
                 } else {
                     writeln!(out, "{}", report_line(&report))?;
+                }
+                passed += 1;
+                if args.plot.is_some() && plotted.len() < MAX_PLOTTED_SEEDS {
+                    plotted.push(report);
                 }
             }
             Err(SimError::Violation(violation)) => {
@@ -72,6 +91,9 @@ pub(super) fn sim(args: &SimArgs, out: &mut dyn Write) -> CliResult {
             Err(e) => return Err(Failure::Error(e.to_string())),
         }
     }
+    if let Some(plot) = &args.plot {
+        write_plot(&plotted, passed, plot, args.json, out)?;
+    }
     if violations.is_empty() {
         return Ok(());
     }
@@ -88,6 +110,41 @@ pub(super) fn sim(args: &SimArgs, out: &mut dyn Write) -> CliResult {
         args.seeds.end - args.seeds.start,
         seeds.join(", ")
     )))
+}
+
+/// Draws the passing runs; with none, says so and leaves no file (the violations that
+/// follow are the answer). The table says where the plot went; JSON output stays one
+/// object per seed.
+fn write_plot(
+    reports: &[SimReport],
+    passed: usize,
+    plot: &Path,
+    json: bool,
+    out: &mut dyn Write,
+) -> CliResult {
+    if reports.is_empty() {
+        if !json {
+            writeln!(out, "no plot: no seed passed")?;
+        }
+        return Ok(());
+    }
+    plot_reports(reports, plot).map_err(|e| Failure::Error(e.to_string()))?;
+    if !json {
+        let seeds: Vec<String> = reports.iter().map(|r| r.seed.to_string()).collect();
+        let left_out = if passed > reports.len() {
+            format!(", the first {} of {passed} that passed", reports.len())
+        } else {
+            String::new()
+        };
+        let word = if seeds.len() == 1 { "seed" } else { "seeds" };
+        writeln!(
+            out,
+            "plot: {} ({word} {}{left_out})",
+            plot.display(),
+            seeds.join(", ")
+        )?;
+    }
+    Ok(())
 }
 
 fn report_line(report: &SimReport) -> String {

@@ -30,6 +30,7 @@ mod driver;
 mod error;
 mod history;
 mod node;
+mod plot;
 mod report;
 mod rng;
 mod scenario;
@@ -40,6 +41,7 @@ use rng::SimRng;
 pub use driver::{simulate, simulate_with};
 pub use error::{Phase, SimError, Violation, ViolationKind};
 pub use node::{ReplicaFactory, SimReplica, SledReplicas};
+pub use plot::{check_plot_path, plot_reports, MAX_PLOTTED_SEEDS};
 pub use report::{ConflictTally, RunTotals, SimReport, StepMetrics};
 pub use scenario::{
     Faults, KeySpace, OperationMix, PolicyChoice, Scenario, ScenarioError, Topology, MAX_SIM_KEYS,
