@@ -19,6 +19,7 @@
 
 mod error;
 mod records;
+pub(crate) mod sled_folder;
 mod store;
 
 pub use error::MetadataError;

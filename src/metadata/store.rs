@@ -5,6 +5,7 @@ use super::records::{
     decode, decode_knowledge_record, encode, encode_knowledge_record, ClockRecord, PeerRecord,
     ReplicaRecord, KIND_CLOCK, KIND_PEER, KIND_REPLICA,
 };
+use super::sled_folder::{self, OpenError};
 use super::{ItemMeta, MetadataError, SavedConflict};
 use crate::model::{Hlc, ItemId, Knowledge, ReplicaId, Version};
 
@@ -70,7 +71,7 @@ pub struct MetadataStore {
 impl MetadataStore {
     /// Creates a new replica in `path` (the folder may exist but must not hold a replica).
     pub fn create(path: &Path) -> Result<Self, MetadataError> {
-        if sled_files_present(path) {
+        if sled_folder::files_present(path) {
             return Err(MetadataError::AlreadyAReplica {
                 path: path.to_path_buf(),
             });
@@ -102,7 +103,7 @@ impl MetadataStore {
 
     /// Opens an existing replica. A folder that holds no replica is left untouched.
     pub fn open(path: &Path) -> Result<Self, MetadataError> {
-        if !sled_files_present(path) {
+        if !sled_folder::files_present(path) {
             return Err(MetadataError::NotAReplica {
                 path: path.to_path_buf(),
             });
@@ -691,60 +692,21 @@ impl Commit {
     }
 }
 
-/// sled writes `conf` and `db` into every folder it opens; without both there is no
-/// store to open, and we must not let sled create one as a side effect.
-fn sled_files_present(path: &Path) -> bool {
-    path.join("conf").is_file() && path.join("db").is_file()
-}
-
-/// How long `open` waits for sled's folder lock. sled 0.34 releases the lock from its
-/// background threads a moment after the last handle drops (sled issue #1289), so a
-/// close followed at once by an open can find it still held; a folder held by another
-/// live process stays locked and is reported as in use after this.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
 fn open_sled(path: &Path) -> Result<sled::Db, MetadataError> {
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
-    loop {
-        match open_sled_once(path) {
-            Err(MetadataError::InUse { .. }) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            other => return other,
-        }
-    }
-}
-
-fn open_sled_once(path: &Path) -> Result<sled::Db, MetadataError> {
-    let config = sled::Config::new().path(path);
-    // sled 0.34 may panic while recovering a damaged log instead of returning an error;
-    // turn that into an error that names the folder.
-    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
-    match opened {
-        Ok(Ok(db)) => Ok(db),
-        Ok(Err(sled::Error::Io(e)))
-            if e.kind() == std::io::ErrorKind::WouldBlock
-                || e.to_string().contains("could not acquire lock") =>
-        {
-            Err(MetadataError::InUse {
-                path: path.to_path_buf(),
-            })
-        }
-        Ok(Err(sled::Error::Corruption { .. })) => Err(MetadataError::Damaged {
+    sled_folder::open(path).map_err(|e| match e {
+        OpenError::InUse => MetadataError::InUse {
+            path: path.to_path_buf(),
+        },
+        OpenError::Damaged(reason) => MetadataError::Damaged {
             path: path.to_path_buf(),
             key: "sled log".into(),
-            reason: "sled reports corruption".into(),
-        }),
-        Ok(Err(source)) => Err(MetadataError::Storage {
+            reason,
+        },
+        OpenError::Other(source) => MetadataError::Storage {
             path: path.to_path_buf(),
             source,
-        }),
-        Err(_) => Err(MetadataError::Damaged {
-            path: path.to_path_buf(),
-            key: "sled log".into(),
-            reason: "sled could not recover the store".into(),
-        }),
-    }
+        },
+    })
 }
 
 fn describe_key(key: &[u8]) -> String {

@@ -55,9 +55,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+use crate::metadata::sled_folder::{self, OpenError};
 
 use super::datasource::{
     Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, Row, RowOutcome, Value,
@@ -73,11 +74,6 @@ const RECORD_FORMAT: u8 = 1;
 const ROW_BYTES_MAX: usize = crate::model::MAX_ITEM_DATA_LEN;
 /// The largest declaration record; a declaration is a list of names, far below this.
 const DECLARATION_BYTES_MAX: usize = 1 << 20;
-/// How long opening waits for sled's folder lock. sled 0.34 releases the lock from its
-/// background threads a moment after the last handle drops (sled issue #1289), so a
-/// close followed at once by an open can find it still held; a folder held by a live
-/// handle stays locked and is reported after this.
-const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// A sled database folder; see the module documentation for the layout and the rules.
 #[derive(Debug)]
@@ -127,17 +123,10 @@ struct Declaration {
     key: Vec<String>,
 }
 
-/// Why a folder could not be opened.
-enum OpenFailure {
-    /// Another handle holds sled's lock on the folder.
-    Locked,
-    Other(String),
-}
-
 impl SledSource {
     /// Opens the existing sled database in the folder `path`.
     pub fn open(name: &str, path: &Path) -> Result<Self, DatasourceError> {
-        if !sled_files_present(path) {
+        if !sled_folder::files_present(path) {
             return Err(DatasourceError::Unavailable {
                 datasource: name.to_string(),
                 reason: format!(
@@ -152,7 +141,7 @@ impl SledSource {
     /// Creates a new sled database in the folder `path` (made if missing). A folder that
     /// already holds one is `Unavailable`: creating never quietly opens existing rows.
     pub fn create(name: &str, path: &Path) -> Result<Self, DatasourceError> {
-        if sled_files_present(path) {
+        if sled_folder::files_present(path) {
             return Err(DatasourceError::Unavailable {
                 datasource: name.to_string(),
                 reason: format!(
@@ -169,26 +158,16 @@ impl SledSource {
             datasource: name.to_string(),
             reason: format!("{}: {reason}", path.display()),
         };
-        let deadline = Instant::now() + LOCK_WAIT;
-        loop {
-            match open_sled_once(path) {
-                Ok(db) => {
-                    return Ok(Self {
-                        name: name.to_string(),
-                        db,
-                    })
-                }
-                Err(OpenFailure::Locked) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(OpenFailure::Locked) => {
-                    return Err(unavailable(
-                        "in use by another process or handle (sled lets one open it at a time)"
-                            .into(),
-                    ))
-                }
-                Err(OpenFailure::Other(reason)) => return Err(unavailable(reason)),
-            }
+        match sled_folder::open(path) {
+            Ok(db) => Ok(Self {
+                name: name.to_string(),
+                db,
+            }),
+            Err(OpenError::InUse) => Err(unavailable(
+                "in use by another process or handle (sled lets one open it at a time)".into(),
+            )),
+            Err(OpenError::Damaged(reason)) => Err(unavailable(reason)),
+            Err(OpenError::Other(e)) => Err(unavailable(e.to_string())),
         }
     }
 
@@ -370,31 +349,6 @@ fn entity_tree_name(entity: &str) -> String {
 /// The 1-based position of a row that follows `before` others.
 fn position(before: usize) -> u64 {
     u64::try_from(before).map_or(u64::MAX, |n| n.saturating_add(1))
-}
-
-/// sled writes `conf` and `db` into every folder it opens; without both there is no
-/// database to open.
-fn sled_files_present(path: &Path) -> bool {
-    path.join("conf").is_file() && path.join("db").is_file()
-}
-
-fn open_sled_once(path: &Path) -> Result<sled::Db, OpenFailure> {
-    let config = sled::Config::new().path(path);
-    // sled 0.34 may panic while recovering a damaged log instead of returning an error.
-    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
-    match opened {
-        Ok(Ok(db)) => Ok(db),
-        Ok(Err(sled::Error::Io(e)))
-            if e.kind() == std::io::ErrorKind::WouldBlock
-                || e.to_string().contains("could not acquire lock") =>
-        {
-            Err(OpenFailure::Locked)
-        }
-        Ok(Err(e)) => Err(OpenFailure::Other(e.to_string())),
-        Err(_) => Err(OpenFailure::Other(
-            "sled could not recover the database (damaged log)".into(),
-        )),
-    }
 }
 
 fn bincode_limit<const N: usize>() -> impl bincode::config::Config {
