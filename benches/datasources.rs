@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use knit::{
     sync_schema, CancelToken, Datasources, DetectMode, Endpoint, Mapping, Projection, RunPhase,
-    SqliteSource, SyncSchema, TableReplica,
+    SqliteSource, SyncSchema, SyncType, TableReplica,
 };
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -111,7 +111,7 @@ fn main() -> Result<()> {
     );
 
     match std::env::var("KNIT_TEST_PG") {
-        Ok(conninfo) => postgres_figures(dir.path(), &db, rows, &conninfo, &mut figures)?,
+        Ok(conninfo) => postgres_figures(dir.path(), &db, rows, changes, &conninfo, &mut figures)?,
         Err(_) => println!(
             "PostgreSQL part skipped: KNIT_TEST_PG is not set (scripts/bench-datasources sets it)"
         ),
@@ -124,6 +124,7 @@ fn postgres_figures(
     dir: &Path,
     db: &Path,
     rows: usize,
+    changes: usize,
     conninfo: &str,
     figures: &mut serde_json::Map<String, serde_json::Value>,
 ) -> Result<()> {
@@ -195,6 +196,7 @@ fn postgres_figures(
     for field in std::iter::once("id").chain(FIELDS) {
         sync.mappings.push(Mapping::new(field, field, None));
     }
+    sync.sync_type = SyncType::Incremental;
     let started = Instant::now();
     // Where the time goes: the end of change detection (the first event with a total)
     // and the last batch committed before the rows are written into PostgreSQL.
@@ -227,6 +229,24 @@ fn postgres_figures(
         )
         .into());
     }
+    // The next run after 100 changes: what an Incremental run costs end to end.
+    touch_rows(db, rows, changes)?;
+    let started = Instant::now();
+    let next = sync_schema(
+        &sync,
+        &datasources,
+        &dir.join("pg-state"),
+        &CancelToken::new(),
+        &mut |_| {},
+    );
+    let next_ms = ms(started);
+    if next.applied as usize != changes {
+        return Err(format!(
+            "the incremental run applied {} of {changes} rows: {}",
+            next.applied, next.message
+        )
+        .into());
+    }
     let landed: i64 = client
         .query_one(&format!("SELECT count(*) FROM {schema}.customers"), &[])?
         .get(0);
@@ -238,6 +258,7 @@ fn postgres_figures(
     figures.insert("pg_plain_insert_ms".into(), round(plain_ms).into());
     figures.insert("pg_knit_initial_ms".into(), round(knit_ms).into());
     figures.insert("pg_knit_vs_plain".into(), round3(share).into());
+    figures.insert("pg_knit_incremental_run_ms".into(), round(next_ms).into());
     figures.insert("sled_ceiling_ms".into(), round(ceiling_ms).into());
     figures.insert(
         "sled_ceiling_vs_plain".into(),
@@ -252,6 +273,9 @@ fn postgres_figures(
         "  knit initial sync (detect, sync, apply)              {knit_ms:>10.1} ms  = {:>8.0} rows/s = {:.1} % of plain (goal >= 50 %)",
         rows as f64 / knit_ms * 1000.0,
         share * 100.0
+    );
+    println!(
+        "  knit Incremental run after {changes} changes (detect, sync, apply) {next_ms:>9.1} ms"
     );
     println!(
         "  sled alone, one record + index entry per row per side {ceiling_ms:>7.1} ms  = {:>8.0} rows/s = {:.1} % of plain (the ceiling of any design that keeps one versioned record per row on each side)",

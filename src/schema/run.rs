@@ -669,10 +669,9 @@ fn try_run(
         },
     };
     let mut detections = Vec::new();
-    let (source_rows, destination_rows) = (source.row_count()?, destination.row_count()?);
-    for (sends, side, held) in [
-        (source_sends, &mut source, destination_rows),
-        (destination_sends, &mut destination, source_rows),
+    for (sends, side) in [
+        (source_sends, &mut source),
+        (destination_sends, &mut destination),
     ] {
         if !sends {
             detections.push(None);
@@ -685,22 +684,28 @@ fn try_run(
         })?;
         events.rows_read = before + detection.report.rows_read;
         events.emit(RunPhase::Reading);
-        let deleted = detection.report.deleted;
-        if deleted > 0 && !schema.allow_mass_delete {
-            let percent = deleted * 100 / held.max(1);
-            if percent > u64::from(schema.mass_delete_threshold_percent) {
-                return Ok(RunReport::failed(
-                    schema,
-                    format!(
-                        "the run would delete {deleted} of {held} rows ({percent} %), more than \
-                         mass_delete_threshold_percent = {}; nothing was changed (set \
-                         allow_mass_delete = true if this is meant)",
-                        schema.mass_delete_threshold_percent
-                    ),
-                ));
-            }
-        }
         detections.push(Some(detection));
+    }
+    // The rows the other side holds are counted only when a detection deletes: the
+    // count reads every unit, and an Incremental run must cost what changed.
+    for (detection, other) in [(&detections[0], &destination), (&detections[1], &source)] {
+        let deleted = detection.as_ref().map_or(0, |d| d.report.deleted);
+        if deleted == 0 || schema.allow_mass_delete {
+            continue;
+        }
+        let held = other.row_count()?;
+        let percent = deleted * 100 / held.max(1);
+        if percent > u64::from(schema.mass_delete_threshold_percent) {
+            return Ok(RunReport::failed(
+                schema,
+                format!(
+                    "the run would delete {deleted} of {held} rows ({percent} %), more than \
+                     mass_delete_threshold_percent = {}; nothing was changed (set \
+                     allow_mass_delete = true if this is meant)",
+                    schema.mass_delete_threshold_percent
+                ),
+            ));
+        }
     }
     let failures: usize = detections
         .iter()
@@ -894,17 +899,17 @@ fn add_detection(report: &mut RunReport, found: super::DetectReport) {
     }
 }
 
-/// The number of rows (row prefixes) among unit ids.
+/// The number of rows among unit ids sorted by id (a row's units are adjacent: no row
+/// prefix is a prefix of another, since only the end of one holds `00 00`).
 fn distinct_rows(items: &[ItemId]) -> u64 {
     let mut rows = 0;
     let mut last: Option<&[u8]> = None;
-    let mut seen: BTreeSet<&[u8]> = BTreeSet::new();
     for item in items {
         if let Some((prefix, _)) = split_unit(item.as_bytes()) {
-            if last != Some(prefix) && seen.insert(prefix) {
+            if last != Some(prefix) {
                 rows += 1;
+                last = Some(prefix);
             }
-            last = Some(prefix);
         }
     }
     rows
