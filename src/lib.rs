@@ -34,11 +34,14 @@ pub use schema::{
     SyncDirection, SyncManager, SyncSchema, SyncType, TableReplica, Transform, TransformError,
     UnitError, UnitRule, Winner, DEFAULT_RETENTION,
 };
+/// Proptest strategies that generate simulator scenarios (the `proptest` feature).
+#[cfg(feature = "proptest")]
+pub use sim::strategies as sim_strategies;
 pub use sim::{
     simulate, simulate_with, ConflictTally, Faults, KeySpace, OperationMix, Phase, PolicyChoice,
     ReplicaFactory, RunTotals, Scenario, ScenarioError, SimError, SimReplica, SimReport,
-    SledReplicas, StepMetrics, Topology, Violation, ViolationKind, MAX_SIM_KEYS, MAX_SIM_REPLICAS,
-    MAX_SIM_STEPS,
+    SledReplicas, StepMetrics, Topology, TopologyPhase, Violation, ViolationKind, MAX_SIM_KEYS,
+    MAX_SIM_REPLICAS, MAX_SIM_STEPS,
 };
 pub use stores::{
     CsvSource, Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, GcReport,

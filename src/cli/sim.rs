@@ -38,7 +38,8 @@ pub(super) fn parse_seeds(text: &str) -> Result<Range<u64>, String> {
     Ok(start..end)
 }
 
-const HEADER: &str = "seed   steps   syncs  conflicts  rounds  max exceptions  tombstones  result";
+const HEADER: &str =
+    "seed   steps   syncs  conflicts  rounds  max exceptions  max knowledge B  tombstones  result";
 
 pub(super) fn sim(args: &SimArgs, out: &mut dyn Write) -> CliResult {
     let scenario = Scenario::load(&args.scenario).map_err(|e| Failure::Error(e.to_string()))?;
@@ -82,8 +83,8 @@ pub(super) fn sim(args: &SimArgs, out: &mut dyn Write) -> CliResult {
                 } else {
                     writeln!(
                         out,
-                        "{seed:>4}  {:>6}  {:>6}  {:>9}  {:>6}  {:>14}  {:>10}  VIOLATION",
-                        "-", "-", "-", "-", "-", "-"
+                        "{seed:>4}  {:>6}  {:>6}  {:>9}  {:>6}  {:>14}  {:>15}  {:>10}  VIOLATION",
+                        "-", "-", "-", "-", "-", "-", "-"
                     )?;
                 }
                 violations.push(*violation);
@@ -150,13 +151,14 @@ fn write_plot(
 fn report_line(report: &SimReport) -> String {
     let t = report.totals();
     format!(
-        "{:>4}  {:>6}  {:>6}  {:>9}  {:>6}  {:>14}  {:>10}  ok",
+        "{:>4}  {:>6}  {:>6}  {:>9}  {:>6}  {:>14}  {:>15}  {:>10}  ok",
         report.seed,
         report.steps.len(),
         t.syncs,
         t.conflicts.total(),
         report.rounds_to_converge,
         t.exceptions_max,
+        t.knowledge_bytes_max,
         t.tombstones_max
     )
 }

@@ -6,13 +6,15 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::model::{ItemId, Knowledge};
+use crate::model::{encode_knowledge, ItemId, Knowledge};
 use crate::sync::{
     run_session, CancelToken, Clock, NoObserver, Progress, SessionOptions, SessionStats,
     SyncObserver,
 };
 
 use super::history::{History, Snapshot};
+use super::link::{Link, LinkFaults};
+use super::report::LinkTally;
 use super::{
     Phase, ReplicaFactory, Scenario, SimClock, SimError, SimReplica, SimReport, SimRng,
     SledReplicas, StepMetrics, Violation, ViolationKind,
@@ -72,6 +74,27 @@ impl SimFolder {
     fn replica(&self, index: usize) -> PathBuf {
         self.path.join(format!("r{index}"))
     }
+
+    /// Where replica `index` lives after its `kill`-th kill (each crash image is a new
+    /// folder: the dead replica's sled threads may still touch the old one).
+    fn crash_image(&self, index: usize, kill: u64) -> PathBuf {
+        self.path.join(format!("r{index}-kill{kill}"))
+    }
+}
+
+/// Copies a folder tree: the crash image of a killed replica.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for SimFolder {
@@ -98,7 +121,13 @@ struct Sim<'a> {
     clock: Arc<SimClock>,
     factory: &'a mut dyn ReplicaFactory,
     keys: Vec<ItemId>,
+    /// The edges of the topology (phase) in force.
     edges: Vec<(usize, usize)>,
+    /// Which phase of a changing topology `edges` belong to.
+    topology_phase: usize,
+    /// The topology's own stream, so the random graph does not shift the schedule's
+    /// draws; a changing topology draws each random phase from it as the phase starts.
+    topology_rng: SimRng,
     /// Downed edges and the step at which each heals.
     down_until: BTreeMap<(usize, usize), u64>,
     history: History,
@@ -109,6 +138,10 @@ struct Sim<'a> {
     operations: Vec<String>,
     /// `None` only while a replica is closed for a reopen or lent to a session.
     replicas: Vec<Option<Box<dyn SimReplica>>>,
+    /// Each replica's folder: its first one, or the crash image of its last kill.
+    paths: Vec<PathBuf>,
+    /// Kills so far, to name crash images.
+    kills: u64,
     /// Declared after `replicas`, so the replicas (and their sled locks) are dropped
     /// before the folder is removed.
     folder: SimFolder,
@@ -133,9 +166,9 @@ impl<'a> Sim<'a> {
                     reason: e.to_string(),
                 })
             })?;
-        let edges = scenario
-            .topology
-            .edges(scenario.replicas, &mut SimRng::new(seed ^ TOPOLOGY_STREAM));
+        let mut topology_rng = SimRng::new(seed ^ TOPOLOGY_STREAM);
+        let (topology_phase, topology) = scenario.topology.phase_at(0);
+        let edges = topology.edges(scenario.replicas, &mut topology_rng);
         let mut sim = Self {
             scenario,
             seed,
@@ -145,12 +178,16 @@ impl<'a> Sim<'a> {
             history: History::new(&keys),
             keys,
             edges,
+            topology_phase,
+            topology_rng,
             down_until: BTreeMap::new(),
             next_value: 0,
             phase: Phase::Workload,
             step: 0,
             operations: Vec::new(),
             replicas: Vec::new(),
+            paths: Vec::new(),
+            kills: 0,
             folder,
         };
         for index in 0..scenario.replicas {
@@ -161,6 +198,7 @@ impl<'a> Sim<'a> {
             })?;
             sim.history.name_replica(replica.replica_id(), index);
             sim.replicas.push(Some(replica));
+            sim.paths.push(path);
         }
         Ok(sim)
     }
@@ -226,8 +264,10 @@ impl<'a> Sim<'a> {
         self.clock.advance(self.scenario.step_ms);
         let mut metrics = StepMetrics {
             step,
+            topology_changes: u64::from(step == 0),
             ..StepMetrics::default()
         };
+        self.change_topology(step, &mut metrics);
         let healed: Vec<(usize, usize)> = self
             .down_until
             .iter()
@@ -275,12 +315,32 @@ impl<'a> Sim<'a> {
             };
             let (source, destination) = if self.rng.chance(0.5) { (a, b) } else { (b, a) };
             let cancel = self.rng.chance(self.scenario.faults.cancel_rate);
-            let stats = self.session(source, destination, cancel)?;
-            metrics.add_session(&stats);
+            let (stats, link) = self.session(source, destination, cancel)?;
+            metrics.add_session(&stats, &link);
         }
         self.check_all(&mut metrics)?;
+        metrics.edges = u64::try_from(self.edges.len()).unwrap_or(u64::MAX);
         metrics.edges_down = u64::try_from(self.down_until.len()).unwrap_or(u64::MAX);
         Ok(metrics)
+    }
+
+    /// Moves a changing topology to the phase in force at `step`; a partition of an
+    /// edge the new phase lacks is dropped with the edge.
+    fn change_topology(&mut self, step: u64, metrics: &mut StepMetrics) {
+        let (phase, topology) = self.scenario.topology.phase_at(step);
+        if phase == self.topology_phase {
+            return;
+        }
+        self.topology_phase = phase;
+        self.edges = topology.edges(self.scenario.replicas, &mut self.topology_rng);
+        let edges = &self.edges;
+        self.down_until.retain(|edge, _| edges.contains(edge));
+        metrics.topology_changes += 1;
+        self.operations.push(format!(
+            "topology phase {phase}: {}, {} edges",
+            topology.describe(),
+            self.edges.len()
+        ));
     }
 
     fn up_edges(&self) -> Vec<(usize, usize)> {
@@ -386,8 +446,63 @@ impl<'a> Sim<'a> {
         if let Some(slot) = self.replicas.get_mut(index) {
             drop(slot.take());
         }
+        self.open(index)
+    }
+
+    /// Replica `index` was killed in the middle of a session: copies its folder as the
+    /// kill left it (every committed batch, see [`SimReplica::flush`], and nothing of
+    /// the batch it was applying), drops the dead replica without ending its session,
+    /// and opens the copy, so sled recovers a folder that was never closed.
+    fn crash_reopen(&mut self, index: usize) -> Result<(), SimError> {
+        self.kills += 1;
+        let image = self.folder.crash_image(index, self.kills);
+        let old = self.path(index)?;
+        self.replica(index)?
+            .flush()
+            .map_err(|e| self.engine(&format!("flush r{index} at its kill"), e))?;
+        let committed = self.snapshot(index)?;
+        copy_tree(&old, &image).map_err(|source| SimError::Folder {
+            path: image.clone(),
+            source,
+        })?;
+        if let Some(slot) = self.replicas.get_mut(index) {
+            drop(slot.take());
+        }
+        // Best effort: the run's folder is removed at the end anyway.
+        let _ = std::fs::remove_dir_all(&old);
+        if let Some(path) = self.paths.get_mut(index) {
+            *path = image;
+        }
+        self.operations.push(format!(
+            "r{index} reopened from its folder as the kill left it"
+        ));
+        self.open(index)?;
+        let reopened = self.snapshot(index)?;
+        let same =
+            |a: &Knowledge, b: &Knowledge| a.contains_knowledge(b) && b.contains_knowledge(a);
+        if reopened.metas != committed.metas
+            || !same(&reopened.knowledge, &committed.knowledge)
+            || !same(&reopened.forgotten, &committed.forgotten)
+        {
+            return Err(self.violation(
+                ViolationKind::LostCommit,
+                format!("r{index} reopened after its kill without all it had committed"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Replica `index`'s folder; the error is for a broken driver.
+    fn path(&self, index: usize) -> Result<PathBuf, SimError> {
+        self.paths
+            .get(index)
+            .cloned()
+            .ok_or_else(|| self.violation(ViolationKind::Engine, format!("r{index} has no folder")))
+    }
+
+    fn open(&mut self, index: usize) -> Result<(), SimError> {
         let clock: Arc<dyn Clock> = self.clock.clone();
-        let path = self.folder.replica(index);
+        let path = self.path(index)?;
         let replica = self
             .factory
             .open(index, &path, clock)
@@ -412,13 +527,16 @@ impl<'a> Sim<'a> {
         })
     }
 
-    /// One session `source → destination` with the scenario's policy and batch size.
+    /// One session `source → destination` with the scenario's policy and batch size,
+    /// through a link that injects the scenario's batch faults while the workload runs.
+    /// A destination killed mid-batch is reopened from its crash image; its session has
+    /// no statistics (the default is returned with the tally saying so).
     fn session(
         &mut self,
         source: usize,
         destination: usize,
         cancel_after_first_batch: bool,
-    ) -> Result<SessionStats, SimError> {
+    ) -> Result<(SessionStats, LinkTally), SimError> {
         let batch_size = self.scenario.batch_size;
         self.operations.push(format!(
             "sync r{source}→r{destination} batch {batch_size}{}",
@@ -428,6 +546,10 @@ impl<'a> Sim<'a> {
                 ""
             }
         ));
+        let faults = &self.scenario.faults;
+        // Drawn only when a batch fault is set, so other scenarios keep their schedule.
+        let link_faults = (self.phase == Phase::Workload && faults.touch_batches())
+            .then(|| (LinkFaults::of(faults), SimRng::new(self.rng.next_u64())));
         let source_metas = self.snapshot(source)?.metas;
         let before = self.snapshot(destination)?;
         let destination_id = self.replica(destination)?.replica_id();
@@ -443,54 +565,57 @@ impl<'a> Sim<'a> {
         ) {
             (Some(src), Some(dst)) => {
                 let clock: &dyn Clock = &*self.clock;
-                if cancel_after_first_batch {
+                let mut link = Link::new(&mut **dst, destination, link_faults);
+                let result = if cancel_after_first_batch {
                     let mut observer = CancelAfterFirstBatch(options.cancel.clone());
-                    Some(run_session(
-                        &mut **src,
-                        &mut **dst,
-                        &options,
-                        &mut observer,
-                        clock,
-                    ))
+                    run_session(&mut **src, &mut link, &options, &mut observer, clock)
                 } else {
-                    Some(run_session(
-                        &mut **src,
-                        &mut **dst,
-                        &options,
-                        &mut NoObserver,
-                        clock,
-                    ))
-                }
+                    run_session(&mut **src, &mut link, &options, &mut NoObserver, clock)
+                };
+                Some((result, link.tally, link.log, link.trouble))
             }
             _ => None,
         };
         if let Some(slot) = self.replicas.get_mut(source) {
             *slot = lent;
         }
-        let stats = match result {
-            Some(Ok(stats)) => stats,
-            Some(Err(e)) => return Err(self.engine("session", e)),
-            None => {
-                return Err(self.violation(
-                    ViolationKind::Engine,
-                    format!("r{source} or r{destination} is not open"),
-                ))
-            }
+        let Some((result, tally, log, trouble)) = result else {
+            return Err(self.violation(
+                ViolationKind::Engine,
+                format!("r{source} or r{destination} is not open"),
+            ));
         };
-        if stats.changes_sent
-            != stats.changes_applied + stats.changes_skipped + stats.changes_failed
-            || stats.changes_failed != 0
-            || stats.conflicts.saved + stats.conflicts.skipped != 0
-            || (!cancel_after_first_batch && stats.cancelled)
+        self.operations.extend(log);
+        if let Some((kind, detail)) = trouble {
+            return Err(self.violation(kind, detail));
+        }
+        let stats = match result {
+            Ok(stats) => stats,
+            Err(_) if tally.killed => {
+                self.crash_reopen(destination)?;
+                SessionStats::default()
+            }
+            Err(e) => return Err(self.engine("session", e)),
+        };
+        if !tally.killed
+            && (stats.changes_sent
+                != stats.changes_applied
+                    + stats.changes_skipped
+                    + stats.changes_failed
+                    + tally.changes_lost
+                || stats.changes_failed != 0
+                || stats.conflicts.saved + stats.conflicts.skipped != 0
+                || (!cancel_after_first_batch && stats.cancelled))
         {
             return Err(self.violation(
                 ViolationKind::Accounting,
                 format!(
-                    "sent {}, applied {}, skipped {}, failed {}, conflicts saved {} skipped {}, cancelled {}",
+                    "sent {}, applied {}, skipped {}, failed {}, lost {}, conflicts saved {} skipped {}, cancelled {}",
                     stats.changes_sent,
                     stats.changes_applied,
                     stats.changes_skipped,
                     stats.changes_failed,
+                    tally.changes_lost,
                     stats.conflicts.saved,
                     stats.conflicts.skipped,
                     stats.cancelled
@@ -507,14 +632,16 @@ impl<'a> Sim<'a> {
                 self.scenario.policy.keeps_versions(),
             )
             .map_err(|detail| self.violation(ViolationKind::Unsound, detail))?;
-        Ok(stats)
+        Ok((stats, tally))
     }
 
     /// The soundness invariant at every replica; fills the state metrics.
     fn check_all(&mut self, metrics: &mut StepMetrics) -> Result<(), SimError> {
         metrics.exceptions_max = 0;
         metrics.exceptions_total = 0;
+        metrics.knowledge_bytes_max = 0;
         metrics.tombstones = 0;
+        let mut knowledge_bytes_total = 0u64;
         for index in 0..self.scenario.replicas {
             let snapshot = self.snapshot(index)?;
             self.history
@@ -524,10 +651,16 @@ impl<'a> Sim<'a> {
                 u64::try_from(snapshot.knowledge.exception_count()).unwrap_or(u64::MAX);
             metrics.exceptions_max = metrics.exceptions_max.max(exceptions);
             metrics.exceptions_total += exceptions;
+            let bytes =
+                u64::try_from(encode_knowledge(&snapshot.knowledge).len()).unwrap_or(u64::MAX);
+            metrics.knowledge_bytes_max = metrics.knowledge_bytes_max.max(bytes);
+            knowledge_bytes_total += bytes;
             metrics.tombstones +=
                 u64::try_from(snapshot.metas.values().filter(|m| m.deleted).count())
                     .unwrap_or(u64::MAX);
         }
+        metrics.knowledge_bytes_mean =
+            knowledge_bytes_total / u64::try_from(self.scenario.replicas.max(1)).unwrap_or(1);
         Ok(())
     }
 
@@ -536,6 +669,7 @@ impl<'a> Sim<'a> {
     fn converge(&mut self) -> Result<(Vec<StepMetrics>, u64), SimError> {
         self.phase = Phase::Convergence;
         self.down_until.clear();
+        let replicas = u64::try_from(self.scenario.replicas).unwrap_or(u64::MAX);
         let mut rounds = Vec::new();
         for round in 0..self.scenario.converge_rounds_max {
             self.step = round;
@@ -543,6 +677,7 @@ impl<'a> Sim<'a> {
             self.clock.advance(self.scenario.step_ms);
             let mut metrics = StepMetrics {
                 step: round,
+                edges: replicas * replicas.saturating_sub(1) / 2,
                 ..StepMetrics::default()
             };
             for source in 0..self.scenario.replicas {
@@ -550,8 +685,8 @@ impl<'a> Sim<'a> {
                     if source == destination {
                         continue;
                     }
-                    let stats = self.session(source, destination, false)?;
-                    metrics.add_session(&stats);
+                    let (stats, link) = self.session(source, destination, false)?;
+                    metrics.add_session(&stats, &link);
                     // Only the destination's state changed.
                     let snapshot = self.snapshot(destination)?;
                     self.history

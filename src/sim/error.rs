@@ -45,6 +45,10 @@ pub enum ViolationKind {
     Diverged,
     /// A key changed only in causal order does not end as its last operation left it.
     LostUpdate,
+    /// A batch delivered a second time changed the destination.
+    NotIdempotent,
+    /// A replica killed mid-batch reopened without something it had committed.
+    LostCommit,
     /// The engine returned an error (a store, a sync or an open failed).
     Engine,
 }

@@ -7,6 +7,7 @@
 //! last-writer-wins decision that kept the winner's version as it was, and a forgotten
 //! delete that an edit beat ("edit beats forgotten delete"). Superseding is transitive.
 
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::metadata::ItemMeta;
@@ -21,11 +22,82 @@ pub(crate) struct Snapshot {
     pub(crate) metas: BTreeMap<ItemId, ItemMeta>,
 }
 
-/// One version ever made.
-#[derive(Debug)]
-struct Made {
-    /// Versions of the same key this one supersedes directly.
-    supersedes: BTreeSet<Version>,
+/// The versions of one key and what supersedes what among them. Superseding never
+/// crosses keys, so each key keeps its own small graph, indexed by the order its
+/// versions were made.
+#[derive(Debug, Default)]
+struct KeyVersions {
+    versions: Vec<Version>,
+    /// `supersedes[i]`: the indices `versions[i]` supersedes directly.
+    supersedes: Vec<Vec<usize>>,
+    /// `reach[i]`: a bit set of every index `versions[i]` supersedes, directly or
+    /// through others, itself included. Computed when first asked for after a change
+    /// (the checks read it for every replica between two changes) and dropped by every
+    /// change to this key.
+    reach: OnceCell<Vec<Bits>>,
+}
+
+/// A fixed-size bit set over a key's version indices.
+#[derive(Clone, Debug)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(len: usize) -> Self {
+        Self(vec![0; len.div_ceil(64)])
+    }
+    fn has(&self, i: usize) -> bool {
+        self.0.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+    /// Sets bit `i`; false if it was set already.
+    fn set(&mut self, i: usize) -> bool {
+        match self.0.get_mut(i / 64) {
+            Some(w) => {
+                let was = *w & (1 << (i % 64)) != 0;
+                *w |= 1 << (i % 64);
+                !was
+            }
+            None => false,
+        }
+    }
+    fn union(&mut self, other: &Bits) {
+        for (w, o) in self.0.iter_mut().zip(&other.0) {
+            *w |= o;
+        }
+    }
+}
+
+impl KeyVersions {
+    fn changed(&mut self) {
+        self.reach = OnceCell::new();
+    }
+
+    fn reach(&self) -> &[Bits] {
+        self.reach.get_or_init(|| {
+            let n = self.versions.len();
+            (0..n)
+                .map(|from| {
+                    // Depth-first from `from`; the graph may hold a cycle (two
+                    // last-writer decisions seen from both sides), which `set` stops.
+                    let mut seen = Bits::new(n);
+                    seen.set(from);
+                    let mut todo = vec![from];
+                    while let Some(i) = todo.pop() {
+                        for &j in self.supersedes.get(i).map_or(&[][..], Vec::as_slice) {
+                            if seen.set(j) {
+                                todo.push(j);
+                            }
+                        }
+                    }
+                    seen
+                })
+                .collect()
+        })
+    }
+
+    /// Whether index `winner` is `loser` or supersedes it.
+    fn supersedes(&self, winner: usize, loser: usize) -> bool {
+        self.reach().get(winner).is_some_and(|r| r.has(loser))
+    }
 }
 
 /// What the local operations did to a key, for the final "causally ordered" check.
@@ -39,9 +111,9 @@ struct KeyHistory {
 }
 
 pub(crate) struct History {
-    made: BTreeMap<Version, Made>,
-    /// The versions of each key, in the order they were made.
-    by_key: BTreeMap<ItemId, Vec<Version>>,
+    /// Every version ever made and its index among its key's versions.
+    made: BTreeMap<Version, usize>,
+    by_key: BTreeMap<ItemId, KeyVersions>,
     keys: BTreeMap<ItemId, KeyHistory>,
     /// Replica ids are random; messages name replicas by their place in the scenario,
     /// so a seed reproduces a message byte for byte.
@@ -52,7 +124,10 @@ impl History {
     pub(crate) fn new(keys: &[ItemId]) -> Self {
         Self {
             made: BTreeMap::new(),
-            by_key: keys.iter().map(|k| (k.clone(), Vec::new())).collect(),
+            by_key: keys
+                .iter()
+                .map(|k| (k.clone(), KeyVersions::default()))
+                .collect(),
             keys: keys
                 .iter()
                 .map(|k| {
@@ -89,7 +164,13 @@ impl History {
     }
 
     fn versions_of<'a>(&'a self, key: &ItemId) -> &'a [Version] {
-        self.by_key.get(key).map_or(&[], Vec::as_slice)
+        self.by_key.get(key).map_or(&[], |k| k.versions.as_slice())
+    }
+
+    /// The index of `v` among the versions of `key`, if it is one of them.
+    fn index_in(&self, key: &ItemId, v: Version) -> Option<usize> {
+        let index = *self.made.get(&v)?;
+        (self.versions_of(key).get(index) == Some(&v)).then_some(index)
     }
 
     /// The versions of `key` that `knowledge` contains.
@@ -101,31 +182,29 @@ impl History {
             .collect()
     }
 
-    /// Whether `winner` is `loser` or supersedes it, directly or through others.
-    fn supersedes(&self, winner: Version, loser: Version) -> bool {
+    /// Whether `winner` is `loser` or supersedes it, directly or through others (both
+    /// versions of `key`).
+    fn supersedes(&self, key: &ItemId, winner: Version, loser: Version) -> bool {
         if winner == loser {
             return true;
         }
-        let mut seen = BTreeSet::new();
-        let mut todo = vec![winner];
-        while let Some(v) = todo.pop() {
-            if let Some(m) = self.made.get(&v) {
-                for s in &m.supersedes {
-                    if *s == loser {
-                        return true;
-                    }
-                    if seen.insert(*s) {
-                        todo.push(*s);
-                    }
-                }
-            }
+        match (self.index_in(key, winner), self.index_in(key, loser)) {
+            (Some(w), Some(l)) => self.by_key.get(key).is_some_and(|k| k.supersedes(w, l)),
+            _ => false,
         }
-        false
     }
 
-    fn add_edge(&mut self, winner: Version, loser: Version) {
-        if let Some(m) = self.made.get_mut(&winner) {
-            m.supersedes.insert(loser);
+    fn add_edge(&mut self, key: &ItemId, winner: Version, loser: Version) {
+        let (Some(w), Some(l)) = (self.index_in(key, winner), self.index_in(key, loser)) else {
+            return;
+        };
+        if let Some(k) = self.by_key.get_mut(key) {
+            if let Some(edges) = k.supersedes.get_mut(w) {
+                if !edges.contains(&l) {
+                    edges.push(l);
+                    k.changed();
+                }
+            }
         }
     }
 
@@ -157,8 +236,15 @@ impl History {
     }
 
     fn insert(&mut self, key: &ItemId, version: Version, supersedes: BTreeSet<Version>) {
-        self.made.insert(version, Made { supersedes });
-        self.by_key.entry(key.clone()).or_default().push(version);
+        let edges: Vec<usize> = supersedes
+            .iter()
+            .filter_map(|v| self.index_in(key, *v))
+            .collect();
+        let k = self.by_key.entry(key.clone()).or_default();
+        self.made.insert(version, k.versions.len());
+        k.versions.push(version);
+        k.supersedes.push(edges);
+        k.changed();
     }
 
     /// After a session into a destination (`before` and `after` it), from a source
@@ -200,11 +286,11 @@ impl History {
                     // The source's version stored as it is. If it does not supersede the
                     // old local version, only the last-writer rule may have chosen it.
                     if let Some(o) = old {
-                        if !self.supersedes(n.version, o.version)
+                        if !self.supersedes(key, n.version, o.version)
                             && lww_applies(o, n)
                             && last_writer_wins((o.timestamp, o.version), (n.timestamp, n.version))
                         {
-                            self.add_edge(n.version, o.version);
+                            self.add_edge(key, n.version, o.version);
                         }
                     }
                 }
@@ -213,11 +299,11 @@ impl History {
                     // version is now known without being superseded.
                     if let Some(r) = remote {
                         if after.knowledge.contains(key, r.version)
-                            && !self.supersedes(n.version, r.version)
+                            && !self.supersedes(key, n.version, r.version)
                             && lww_applies(n, r)
                             && !last_writer_wins((n.timestamp, n.version), (r.timestamp, r.version))
                         {
-                            self.add_edge(n.version, r.version);
+                            self.add_edge(key, n.version, r.version);
                         }
                     }
                 }
@@ -229,10 +315,10 @@ impl History {
             if let Some(n) = new {
                 for v in self.known(&after.knowledge, key) {
                     if after.forgotten.contains(key, v)
-                        && !self.supersedes(n.version, v)
-                        && !self.supersedes(v, n.version)
+                        && !self.supersedes(key, n.version, v)
+                        && !self.supersedes(key, v, n.version)
                     {
-                        self.add_edge(n.version, v);
+                        self.add_edge(key, n.version, v);
                     }
                 }
             }
@@ -253,44 +339,64 @@ impl History {
         if !s.knowledge.contains_knowledge(&s.forgotten) {
             return Err(format!("r{index} forgot what it does not know"));
         }
-        for key in self.keys.keys() {
+        for (key, versions) in &self.by_key {
             let meta = s.metas.get(key);
-            if let Some(m) = meta {
-                if !self.made.contains_key(&m.version) {
-                    return Err(format!(
-                        "r{index} holds {} of {key}, which nobody made",
-                        self.show(m.version)
-                    ));
+            let held = match meta {
+                None => None,
+                Some(m) => {
+                    let Some(held) = self.index_in(key, m.version) else {
+                        return Err(if self.made.contains_key(&m.version) {
+                            format!(
+                                "r{index} holds {} of {key}, which was made for another key",
+                                self.show(m.version)
+                            )
+                        } else {
+                            format!(
+                                "r{index} holds {} of {key}, which nobody made",
+                                self.show(m.version)
+                            )
+                        });
+                    };
+                    if !s.knowledge.contains(key, m.version) {
+                        return Err(format!(
+                            "r{index} does not know its own state {} of {key}",
+                            self.show(m.version)
+                        ));
+                    }
+                    Some(held)
                 }
-                if !s.knowledge.contains(key, m.version) {
-                    return Err(format!(
-                        "r{index} does not know its own state {} of {key}",
-                        self.show(m.version)
-                    ));
+            };
+            let reach = versions.reach();
+            // Everything the held version or a forgotten one supersedes: what the
+            // replica may know.
+            let mut explained = Bits::new(versions.versions.len());
+            if let Some(r) = held.and_then(|h| reach.get(h)) {
+                explained.union(r);
+            }
+            for (w, version) in versions.versions.iter().enumerate() {
+                if s.forgotten.contains(key, *version) {
+                    if let Some(r) = reach.get(w) {
+                        explained.union(r);
+                    }
                 }
             }
-            let forgotten_versions: Vec<Version> = self
-                .versions_of(key)
-                .iter()
-                .filter(|w| s.forgotten.contains(key, **w))
-                .copied()
-                .collect();
-            for v in self.known(&s.knowledge, key) {
-                if let Some(m) = meta {
-                    if v != m.version && self.supersedes(v, m.version) {
+            for (v, version) in versions.versions.iter().enumerate() {
+                if !s.knowledge.contains(key, *version) {
+                    continue;
+                }
+                if let (Some(h), Some(m)) = (held, meta) {
+                    if v != h && reach.get(v).is_some_and(|r| r.has(h)) {
                         return Err(format!(
                             "r{index} holds {} of {key} but knows {}, which supersedes it",
                             self.show(m.version),
-                            self.show(v)
+                            self.show(*version)
                         ));
                     }
                 }
-                let explained = meta.is_some_and(|m| self.supersedes(m.version, v))
-                    || forgotten_versions.iter().any(|w| self.supersedes(*w, v));
-                if !explained {
+                if !explained.has(v) {
                     return Err(format!(
                         "r{index} knows {} of {key} but holds {}, which does not supersede it",
-                        self.show(v),
+                        self.show(*version),
                         self.show_meta(meta)
                     ));
                 }

@@ -1,11 +1,13 @@
 //! The simulator: seeded, deterministic convergence experiments over the real engine.
 //!
-//! A [`Scenario`] (replicas, keys, an operation mix, a topology, a schedule, a conflict
-//! policy, faults) runs under one seed: replicas of the real engine in a temporary
-//! folder, a workload of puts, updates and deletes, sessions over the topology's edges,
-//! partitions that heal, sessions cancelled after their first batch, tombstone cleanup
-//! racing stale replicas, and replicas closed and reopened. Then faults stop and a full
-//! mesh syncs until a round moves nothing.
+//! A [`Scenario`] (replicas, keys, an operation mix, a topology that may change in
+//! phases, a schedule, a conflict policy, faults) runs under one seed: replicas of the
+//! real engine in a temporary folder, a workload of puts, updates and deletes, sessions
+//! over the topology's edges, partitions that heal, sessions cancelled after their
+//! first batch, tombstone cleanup racing stale replicas, replicas closed and reopened,
+//! destinations killed in the middle of a batch and reopened from their folder, and
+//! batches lost or delivered twice. Then faults stop and a full mesh syncs until a
+//! round moves nothing.
 //!
 //! Invariants:
 //! - A seed and a commit reproduce a run exactly: every choice comes from the seeded
@@ -21,19 +23,32 @@
 //!   the step and the operations of that step.
 //! - The simulator drives replicas only through [`SimReplica`], made by a
 //!   [`ReplicaFactory`], so a test can inject a faulty provider.
+//! - A killed replica is a crash of its metadata store, not a clean close: the batch it
+//!   was applying never commits (or, killed just after the commit, is never
+//!   acknowledged), its session never ends, and it is reopened from a copy of its
+//!   folder taken at the kill, so sled recovers a log that was never closed. Committed
+//!   batches survive the kill: the copy is taken after a flush ([`SimReplica::flush`]),
+//!   which stands for sled's background flusher so that the run stays deterministic. A
+//!   kill that also loses sled's unflushed tail is not simulated (tests/crash.rs kills
+//!   a child process for real).
+//! - A lost batch is sent and counted but never applied, and the session goes on; a
+//!   duplicated batch is applied twice, and the second time must change nothing
+//!   ([`link`]).
 //!
-//! Replicas are closed cleanly (dropped) and reopened; a crash in the middle of a batch
-//! is not simulated here (tests/crash.rs covers that with a killed child process).
+//! With the `proptest` feature, [`strategies`] generates scenarios for property tests.
 
 mod clock;
 mod driver;
 mod error;
 mod history;
+mod link;
 mod node;
 mod plot;
 mod report;
 mod rng;
 mod scenario;
+#[cfg(feature = "proptest")]
+pub mod strategies;
 
 use clock::SimClock;
 use rng::SimRng;
@@ -44,6 +59,6 @@ pub use node::{ReplicaFactory, SimReplica, SledReplicas};
 pub use plot::{check_plot_path, plot_reports, MAX_PLOTTED_SEEDS};
 pub use report::{ConflictTally, RunTotals, SimReport, StepMetrics};
 pub use scenario::{
-    Faults, KeySpace, OperationMix, PolicyChoice, Scenario, ScenarioError, Topology, MAX_SIM_KEYS,
-    MAX_SIM_REPLICAS, MAX_SIM_STEPS,
+    Faults, KeySpace, OperationMix, PolicyChoice, Scenario, ScenarioError, Topology, TopologyPhase,
+    MAX_SIM_KEYS, MAX_SIM_REPLICAS, MAX_SIM_STEPS,
 };

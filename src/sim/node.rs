@@ -25,6 +25,12 @@ pub trait SimReplica: ChangeSource + ChangeDestination {
     fn item_metas(&self) -> Result<Vec<(ItemId, ItemMeta)>, StoreError>;
     /// Every live item and its value, in id order.
     fn items(&self) -> Result<Vec<(ItemId, Vec<u8>)>, StoreError>;
+    /// Makes every committed change durable. The simulator calls it just before it
+    /// copies the folder of a replica it kills: sled writes committed batches to disk
+    /// on a background thread within half a second, and the flush stands for that
+    /// thread, so the crash image holds every committed batch whatever the wall clock
+    /// did (a seed must reproduce the run).
+    fn flush(&mut self) -> Result<(), StoreError>;
 }
 
 impl SimReplica for Replica {
@@ -49,6 +55,9 @@ impl SimReplica for Replica {
     fn items(&self) -> Result<Vec<(ItemId, Vec<u8>)>, StoreError> {
         Replica::items(self)
     }
+    fn flush(&mut self) -> Result<(), StoreError> {
+        Replica::flush(self)
+    }
 }
 
 /// Makes the replicas of a run. `index` is the replica's place in the scenario (0 is a
@@ -61,7 +70,8 @@ pub trait ReplicaFactory {
         path: &Path,
         clock: Arc<dyn Clock>,
     ) -> Result<Box<dyn SimReplica>, StoreError>;
-    /// The replica in `path` again, after the simulator dropped it.
+    /// The replica in `path` again, after the simulator dropped it (a clean close) or
+    /// killed it (`path` is then a copy of its folder taken at the kill).
     fn open(
         &mut self,
         index: usize,

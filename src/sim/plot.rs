@@ -1,7 +1,8 @@
 //! `knit sim --plot`: draws a run's metrics over its steps as an SVG file.
 //!
-//! Four panels stacked on one step axis (knowledge exceptions, tombstones held,
-//! conflicts and changes sent), one line per seed, with the workload's steps first and
+//! Six panels stacked on one step axis (knowledge exceptions, knowledge bytes at the
+//! largest and on average, tombstones held, conflicts and changes sent), one line per
+//! seed, with the workload's steps first and
 //! the full-mesh convergence rounds after them, past a dashed line where faults stop.
 //!
 //! Invariants:
@@ -24,7 +25,7 @@ use super::{SimReport, StepMetrics};
 pub const MAX_PLOTTED_SEEDS: usize = 8;
 
 const WIDTH_PX: u32 = 1000;
-const PANEL_HEIGHT_PX: u32 = 260;
+const PANEL_HEIGHT_PX: u32 = 220;
 const TITLE_HEIGHT_PX: u32 = 40;
 /// Two rows of legend entries: eight seeds and the faults line overflow one.
 const LEGEND_HEIGHT_PX: u32 = 50;
@@ -57,11 +58,21 @@ struct Metric {
     value: fn(&StepMetrics) -> u64,
 }
 
-const METRICS: [Metric; 4] = [
+const METRICS: [Metric; 6] = [
     Metric {
         label: "knowledge exceptions (max over replicas)",
         unit: "exceptions",
         value: |m| m.exceptions_max,
+    },
+    Metric {
+        label: "knowledge size in bytes (max over replicas)",
+        unit: "bytes",
+        value: |m| m.knowledge_bytes_max,
+    },
+    Metric {
+        label: "knowledge size in bytes (mean over replicas)",
+        unit: "bytes",
+        value: |m| m.knowledge_bytes_mean,
     },
     Metric {
         label: "tombstones held (sum over replicas)",

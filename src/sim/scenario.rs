@@ -105,11 +105,56 @@ pub enum Topology {
     Random {
         edge_probability: f64,
     },
+    /// Other topologies one after the other: each phase holds from its `from_step` until
+    /// the next phase's. The first starts at step 0; a phase cannot itself change. A
+    /// random phase draws its graph when it starts, so two random phases rewire the
+    /// replicas twice.
+    Changing {
+        // Left out, it is empty, and `check` says a phase is needed.
+        #[serde(default)]
+        phases: Vec<TopologyPhase>,
+    },
+}
+
+/// One phase of a [`Topology::Changing`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopologyPhase {
+    /// The workload step the phase starts at.
+    pub from_step: u64,
+    pub topology: Topology,
 }
 
 impl Topology {
+    /// The phase in force at `step` and its place among the phases (0 for a topology
+    /// that does not change).
+    pub(crate) fn phase_at(&self, step: u64) -> (usize, &Topology) {
+        match self {
+            Self::Changing { phases } => phases
+                .iter()
+                .enumerate()
+                .rev()
+                .find(|(_, p)| p.from_step <= step)
+                .or_else(|| phases.iter().enumerate().next())
+                .map_or((0, self), |(index, p)| (index, &p.topology)),
+            _ => (0, self),
+        }
+    }
+
+    /// A short name for reproductions: `ring`, `random 0.3`.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Self::Mesh => "mesh".into(),
+            Self::Star => "star".into(),
+            Self::Ring => "ring".into(),
+            Self::Random { edge_probability } => format!("random {edge_probability}"),
+            Self::Changing { phases } => format!("changing, {} phases", phases.len()),
+        }
+    }
+
     /// The edges `(a, b)` with `a < b`, in a fixed order; the random graph draws from
-    /// `rng`.
+    /// `rng`. A changing topology gives its first phase's edges (the driver asks
+    /// [`Topology::phase_at`] for the others).
     pub(crate) fn edges(&self, replicas: usize, rng: &mut SimRng) -> Vec<(usize, usize)> {
         let mut edges = Vec::new();
         match self {
@@ -139,6 +184,13 @@ impl Topology {
                     }
                 }
                 edges.sort_unstable();
+            }
+            Self::Changing { phases } => {
+                // `check` rejects a phase that changes in turn, so this does not recurse
+                // further than one level.
+                if let Some(first) = phases.first() {
+                    edges = first.topology.edges(replicas, rng);
+                }
             }
         }
         edges
@@ -184,8 +236,9 @@ impl PolicyChoice {
     }
 }
 
-/// Faults injected while the workload runs. Every rate is a chance per step (or, for
-/// `cancel_rate`, per session) in 0..=1; all default to none.
+/// Faults injected while the workload runs. Every rate is a chance in 0..=1 per step,
+/// per session (`cancel_rate`) or per batch (`crash_rate`, `lose_batch_rate`,
+/// `duplicate_batch_rate`); all default to none.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Faults {
@@ -208,6 +261,28 @@ pub struct Faults {
     /// Chance per step that one random replica is closed and reopened (a clean close).
     #[serde(default)]
     pub reopen_rate: f64,
+    /// Chance per batch that the destination is killed while it applies the batch, at
+    /// a seeded point inside it: the batch's uncommitted writes are lost (or, at the
+    /// point after its commit, only the acknowledgement), the session dies without
+    /// ending, and the replica is reopened from what its folder held at the kill.
+    #[serde(default)]
+    pub crash_rate: f64,
+    /// Chance per batch that the batch never reaches the destination while the session
+    /// goes on with the next one.
+    #[serde(default)]
+    pub lose_batch_rate: f64,
+    /// Chance per batch that the batch reaches the destination twice: again at once, or
+    /// after the next batch (a late retransmission). The second delivery must change
+    /// nothing.
+    #[serde(default)]
+    pub duplicate_batch_rate: f64,
+}
+
+impl Faults {
+    /// Whether any fault acts on the batches of a session.
+    pub(crate) fn touch_batches(&self) -> bool {
+        self.crash_rate > 0.0 || self.lose_batch_rate > 0.0 || self.duplicate_batch_rate > 0.0
+    }
 }
 
 /// Why a scenario could not be read.
@@ -269,35 +344,33 @@ impl Scenario {
                 message: e.message().trim_end().to_string(),
             }
         })?;
-        scenario
-            .problem()
-            .map_or(Ok(scenario), |(table, key, reason)| {
-                Err(ScenarioError::Invalid {
-                    file: file.to_string(),
-                    line: find_line(text, table, key),
-                    field: field_name(table, key),
-                    reason,
-                })
-            })
-    }
-
-    /// Checks every value's range; the first problem is the error.
-    pub fn check(&self) -> Result<(), ScenarioError> {
-        self.problem().map_or(Ok(()), |(table, key, reason)| {
+        scenario.problem().map_or(Ok(scenario), |p| {
             Err(ScenarioError::Invalid {
-                file: format!("scenario {:?}", self.name),
-                line: 0,
-                field: field_name(table, key),
-                reason,
+                file: file.to_string(),
+                line: find_line(text, p.table, p.entry, p.key),
+                field: p.field,
+                reason: p.reason,
             })
         })
     }
 
-    /// The first value out of range: (table, key, why).
-    fn problem(&self) -> Option<(&'static str, &'static str, String)> {
+    /// Checks every value's range; the first problem is the error.
+    pub fn check(&self) -> Result<(), ScenarioError> {
+        self.problem().map_or(Ok(()), |p| {
+            Err(ScenarioError::Invalid {
+                file: format!("scenario {:?}", self.name),
+                line: 0,
+                field: p.field,
+                reason: p.reason,
+            })
+        })
+    }
+
+    /// The first value out of range.
+    fn problem(&self) -> Option<Problem> {
         let rate = |v: f64| !(0.0..=1.0).contains(&v);
         let f = &self.faults;
-        let checks: [(bool, &'static str, &'static str, String); 14] = [
+        let checks: [(bool, &'static str, &'static str, String); 17] = [
             (
                 !(2..=MAX_SIM_REPLICAS).contains(&self.replicas),
                 "",
@@ -383,12 +456,120 @@ impl Scenario {
                 "reopen_rate",
                 "must be from 0 to 1".into(),
             ),
+            (
+                rate(f.crash_rate),
+                "faults",
+                "crash_rate",
+                "must be from 0 to 1".into(),
+            ),
+            (
+                rate(f.lose_batch_rate),
+                "faults",
+                "lose_batch_rate",
+                "must be from 0 to 1".into(),
+            ),
+            (
+                rate(f.duplicate_batch_rate),
+                "faults",
+                "duplicate_batch_rate",
+                "must be from 0 to 1".into(),
+            ),
         ];
         checks
             .into_iter()
             .find(|(bad, ..)| *bad)
-            .map(|(_, table, key, reason)| (table, key, reason))
+            .map(|(_, table, key, reason)| Problem {
+                table,
+                entry: None,
+                key,
+                field: field_name(table, key),
+                reason,
+            })
+            .or_else(|| self.phase_problem())
     }
+
+    /// The first problem with the phases of a changing topology.
+    fn phase_problem(&self) -> Option<Problem> {
+        let Topology::Changing { phases } = &self.topology else {
+            return None;
+        };
+        let Some(first) = phases.first() else {
+            return Some(Problem {
+                table: "topology",
+                entry: None,
+                key: "kind",
+                field: "topology.phases".into(),
+                reason: "must list at least one phase (`[[topology.phases]]`)".into(),
+            });
+        };
+        let at = |entry: usize, key: &'static str, field: &str, reason: String| Problem {
+            table: "topology.phases",
+            entry: Some(entry),
+            key,
+            field: format!("topology.phases[{entry}].{field}"),
+            reason,
+        };
+        if first.from_step != 0 {
+            return Some(at(
+                0,
+                "from_step",
+                "from_step",
+                "must be 0: the first phase starts the run".into(),
+            ));
+        }
+        for (entry, pair) in phases.windows(2).enumerate() {
+            if let [before, after] = pair {
+                if after.from_step <= before.from_step {
+                    return Some(at(
+                        entry + 1,
+                        "from_step",
+                        "from_step",
+                        format!(
+                            "must be above the previous phase's `from_step` ({})",
+                            before.from_step
+                        ),
+                    ));
+                }
+            }
+        }
+        for (entry, phase) in phases.iter().enumerate() {
+            match phase.topology {
+                Topology::Changing { .. } => {
+                    return Some(at(
+                        entry,
+                        "topology",
+                        "topology.kind",
+                        "cannot be `changing` inside a changing topology".into(),
+                    ))
+                }
+                Topology::Random { edge_probability }
+                    if !(0.0..=1.0).contains(&edge_probability) =>
+                {
+                    return Some(at(
+                        entry,
+                        "topology",
+                        "topology.edge_probability",
+                        "must be from 0 to 1".into(),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+}
+
+/// A value out of range, and where a file sets it.
+struct Problem {
+    /// The TOML table that holds the value (`""`: the top level) and, for an array of
+    /// tables such as `[[topology.phases]]`, which entry of it (from 0).
+    table: &'static str,
+    entry: Option<usize>,
+    /// The key whose line the error points at.
+    key: &'static str,
+    /// The field as the error names it: `faults.crash_rate`, `topology.phases[1].from_step`.
+    field: String,
+    reason: String,
 }
 
 fn field_name(table: &str, key: &str) -> String {
@@ -407,17 +588,29 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// The 1-based line where `key` is set inside `[table]` (`""`: the top level), or 0.
-fn find_line(text: &str, table: &str, key: &str) -> usize {
+/// The 1-based line where `key` is set inside `[table]` (`""`: the top level) or, with
+/// `entry`, inside that entry of the array of tables `[[table]]`; 0 if it is not set.
+fn find_line(text: &str, table: &str, entry: Option<usize>, key: &str) -> usize {
     let mut current = "";
+    // Entries of `[[table]]` seen so far; the one being read is `seen - 1`.
+    let mut seen = 0usize;
     for (index, line) in text.lines().enumerate() {
         let trimmed = line.trim();
-        if let Some(header) = trimmed.strip_prefix('[') {
-            current = header.split(']').next().unwrap_or("").trim();
+        if trimmed.starts_with('[') {
+            current = trimmed
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim();
+            if trimmed.starts_with("[[") && current == table {
+                seen += 1;
+            }
             continue;
         }
         let name = trimmed.split('=').next().unwrap_or("").trim();
-        if current == table && trimmed.contains('=') && name == key {
+        let in_entry = entry.is_none_or(|e| seen == e + 1);
+        if current == table && in_entry && trimmed.contains('=') && name == key {
             return index + 1;
         }
     }
@@ -468,6 +661,95 @@ kind = "ring"
             panic!("expected Syntax, got {e:?}");
         };
         assert!(message.contains("stepz"), "{message}");
+    }
+
+    #[test]
+    fn batch_fault_rates_are_checked_like_the_others() {
+        let bad = format!("{SMALL}\n[faults]\ncrash_rate = 0.1\nlose_batch_rate = 2\n");
+        let e = Scenario::from_toml(&bad, "small.toml").map(|_| ());
+        let Err(ScenarioError::Invalid { line, field, .. }) = &e else {
+            panic!("expected Invalid, got {e:?}");
+        };
+        assert_eq!((*line, field.as_str()), (18, "faults.lose_batch_rate"));
+    }
+
+    const CHANGING: &str = r#"
+name = "changing"
+replicas = 4
+steps = 30
+policy = "merge"
+
+[keys]
+count = 4
+
+[operations]
+put = 1
+
+[topology]
+kind = "changing"
+
+[[topology.phases]]
+from_step = 0
+topology = { kind = "ring" }
+
+[[topology.phases]]
+from_step = 10
+topology = { kind = "random", edge_probability = 0.5 }
+
+[[topology.phases]]
+from_step = 20
+topology = { kind = "star" }
+"#;
+
+    #[test]
+    fn a_changing_topology_holds_each_phase_from_its_step() -> Result<(), ScenarioError> {
+        let s = Scenario::from_toml(CHANGING, "changing.toml")?;
+        let phase = |step| s.topology.phase_at(step);
+        assert_eq!(phase(0), (0, &Topology::Ring));
+        assert_eq!(phase(9), (0, &Topology::Ring));
+        assert_eq!(phase(10).0, 1);
+        assert_eq!(phase(25), (2, &Topology::Star));
+        // Its edges before the first change are the first phase's.
+        assert_eq!(s.topology.edges(4, &mut SimRng::new(0)).len(), 4);
+        Ok(())
+    }
+
+    #[test]
+    fn phase_errors_name_the_phase_and_its_line() {
+        let cases = [
+            (
+                CHANGING.replace("from_step = 20", "from_step = 5"),
+                (25, "topology.phases[2].from_step"),
+            ),
+            (
+                CHANGING.replacen("from_step = 0", "from_step = 1", 1),
+                (17, "topology.phases[0].from_step"),
+            ),
+            (
+                CHANGING.replace("edge_probability = 0.5", "edge_probability = 1.5"),
+                (22, "topology.phases[1].topology.edge_probability"),
+            ),
+            (
+                CHANGING.replace(
+                    r#"topology = { kind = "star" }"#,
+                    r#"topology = { kind = "changing", phases = [] }"#,
+                ),
+                (26, "topology.phases[2].topology.kind"),
+            ),
+        ];
+        for (text, (want_line, want_field)) in cases {
+            let e = Scenario::from_toml(&text, "changing.toml").map(|_| ());
+            let Err(ScenarioError::Invalid { line, field, .. }) = &e else {
+                panic!("expected Invalid, got {e:?}");
+            };
+            assert_eq!((*line, field.as_str()), (want_line, want_field));
+        }
+        let empty = CHANGING.split("[[topology.phases]]").next().unwrap_or("");
+        let e = Scenario::from_toml(empty, "changing.toml").map(|_| ());
+        let Err(ScenarioError::Invalid { line, field, .. }) = &e else {
+            panic!("expected Invalid, got {e:?}");
+        };
+        assert_eq!((*line, field.as_str()), (14, "topology.phases"));
     }
 
     #[test]
