@@ -8,6 +8,7 @@
 #![deny(clippy::dbg_macro)]
 
 mod cli;
+pub mod hub;
 mod metadata;
 mod model;
 mod schema;

@@ -276,14 +276,20 @@ fn metadata_store_agrees_with_a_reference_model() -> TestResult {
 /// Overwrites one raw record of a closed replica.
 fn overwrite_record(path: &Path, key: &[u8], bytes: &[u8]) -> TestResult {
     let r = Replica::open(path)?;
-    r.metadata().raw_tree().insert(key, bytes)?;
-    r.metadata().raw_tree().flush()?;
+    let tree = r.metadata().raw_tree().ok_or("a sled store")?;
+    tree.insert(key, bytes)?;
+    tree.flush()?;
     Ok(())
 }
 
 fn read_record(path: &Path, key: &[u8]) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
     let r = Replica::open(path)?;
-    let bytes = r.metadata().raw_tree().get(key)?.ok_or("record missing")?;
+    let bytes = r
+        .metadata()
+        .raw_tree()
+        .ok_or("a sled store")?
+        .get(key)?
+        .ok_or("record missing")?;
     Ok(bytes.to_vec())
 }
 

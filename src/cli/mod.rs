@@ -20,6 +20,7 @@ mod commands;
 mod demo;
 mod run;
 mod schema_cmd;
+mod serve;
 mod shop_demo;
 mod sim;
 mod sync;
@@ -71,7 +72,8 @@ enum Command {
     Del { dir: PathBuf, key: String },
     /// List live items, one "KEY<TAB>VALUE" line each, sorted by key
     Ls { dir: PathBuf },
-    /// Sync two replicas (both local folders)
+    /// Sync a replica with another folder or with a hub's hosted replica
+    /// (http://HOST:PORT/replicas/NAME; the bearer token comes from KNIT_TOKEN)
     Sync {
         local: PathBuf,
         remote: PathBuf,
@@ -85,6 +87,12 @@ enum Command {
         /// Print the statistics as one JSON object
         #[arg(long)]
         json: bool,
+    },
+    /// Run a hub serving hosted replicas over HTTP until Ctrl-C
+    Serve {
+        /// The hub's config file (listen address, data folder, replicas, tokens)
+        #[arg(long, value_name = "HUB.toml")]
+        config: PathBuf,
     },
     /// Show the replica's id, tick, items, tombstones and knowledge
     Status {
@@ -348,6 +356,7 @@ fn dispatch(command: Command, out: &mut dyn Write) -> CliResult {
             },
             out,
         ),
+        Command::Serve { config } => serve::serve(&config, out),
         Command::Status { dir, json } => commands::status(&dir, json, out),
         Command::Conflicts { dir } => commands::conflicts(&dir, out),
         Command::Resolve { dir, key, take } => commands::resolve(

@@ -9,6 +9,7 @@ use serde_json::json;
 use super::{flush, in_dir, open, CliResult, Failure};
 use crate::model::{ItemId, ReplicaId};
 use crate::stores::Replica;
+use crate::sync::Peer;
 use crate::sync::{
     ConflictKind, ConflictOutcome, ConflictPolicy, Direction, Progress, SessionOptions,
     SessionStats, SyncObserver, SyncReport,
@@ -27,6 +28,30 @@ pub(super) fn sync(
     args: &SyncArgs,
     out: &mut dyn Write,
 ) -> CliResult {
+    if let Some(url) = remote_dir.to_str().filter(|t| crate::hub::is_hub_url(t)) {
+        let token = std::env::var(TOKEN_ENV).map_err(|_| {
+            Failure::Error(format!(
+                "{url}: set {TOKEN_ENV} to the bearer token the hub's config grants this replica"
+            ))
+        })?;
+        let mut local = open(local_dir)?;
+        let mut remote = crate::hub::RemoteReplica::connect(
+            url,
+            &token,
+            std::time::Duration::from_secs(HUB_REQUEST_TIMEOUT_SECS),
+        )
+        .map_err(|e| Failure::Error(e.to_string()))?;
+        // The hub makes what it committed durable itself.
+        return run(
+            &mut local,
+            local_dir,
+            &mut remote,
+            url,
+            |_| Ok(()),
+            args,
+            out,
+        );
+    }
     // Opening one folder twice would fail on sled's lock with a misleading "in use".
     if let (Ok(a), Ok(b)) = (local_dir.canonicalize(), remote_dir.canonicalize()) {
         if a == b {
@@ -38,6 +63,36 @@ pub(super) fn sync(
     }
     let mut local = open(local_dir)?;
     let mut remote = open(remote_dir)?;
+    let name = remote_dir.display().to_string();
+    run(
+        &mut local,
+        local_dir,
+        &mut remote,
+        &name,
+        |remote| flush(remote, remote_dir),
+        args,
+        out,
+    )
+}
+
+/// The environment variable `knit sync` reads a hub's bearer token from: a token on
+/// the command line would show in `ps` and in shell history.
+pub(super) const TOKEN_ENV: &str = "KNIT_TOKEN";
+
+/// Seconds one request to a hub may take before the client gives up.
+const HUB_REQUEST_TIMEOUT_SECS: u64 = 120;
+
+/// Syncs `local` with `remote` (named `remote_name` in messages), makes both durable
+/// and prints the statistics.
+fn run<P: Peer>(
+    local: &mut Replica,
+    local_dir: &Path,
+    remote: &mut P,
+    remote_name: &str,
+    flush_remote: impl FnOnce(&mut P) -> CliResult,
+    args: &SyncArgs,
+    out: &mut dyn Write,
+) -> CliResult {
     let options = SessionOptions {
         direction: args.direction,
         policy: args.policy.clone(),
@@ -46,20 +101,17 @@ pub(super) fn sync(
     };
     let show_progress = !args.json && std::io::stderr().is_terminal();
     let mut observer = Observer::new(local.id(), show_progress);
-    let result = local.sync_with(&mut remote, &options, &mut observer);
+    let result = local.sync_with(remote, &options, &mut observer);
     observer.clear_progress();
     // Committed batches stay committed even if the session failed: make them durable.
-    let flushed = flush(&mut local, local_dir).and(flush(&mut remote, remote_dir));
+    let flushed = flush(local, local_dir).and(flush_remote(remote));
     let report = result.map_err(|e| {
         let message = e.to_string();
-        let (l, r) = (
-            local_dir.display().to_string(),
-            remote_dir.display().to_string(),
-        );
-        if message.contains(&l) || message.contains(&r) {
+        let l = local_dir.display().to_string();
+        if message.contains(&l) || message.contains(remote_name) {
             Failure::Error(message)
         } else {
-            Failure::Error(format!("sync {l} {r}: {message}"))
+            Failure::Error(format!("sync {l} {remote_name}: {message}"))
         }
     })?;
     flushed?;

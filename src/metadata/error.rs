@@ -30,7 +30,7 @@ pub enum MetadataError {
     Storage {
         path: PathBuf,
         #[source]
-        source: sled::Error,
+        source: super::backend::BackendError,
     },
     #[error("replica {replica}: an earlier commit failed; reopen the replica to recover")]
     Poisoned { replica: ReplicaId },

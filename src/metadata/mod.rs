@@ -17,7 +17,9 @@
 //! - After a failed commit the handle is poisoned: every later call fails until the
 //!   store is reopened (sled recovery then decides what is there).
 
+pub(crate) mod backend;
 mod error;
+pub mod postgres;
 mod records;
 pub(crate) mod sled_folder;
 mod store;

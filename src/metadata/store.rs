@@ -1,6 +1,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::backend::{Backend, BackendError, Bytes, SledBackend, WriteBatch};
 use super::records::{
     decode, decode_knowledge_record, encode, encode_knowledge_record, ClockRecord, PeerRecord,
     ReplicaRecord, KIND_CLOCK, KIND_PEER, KIND_REPLICA,
@@ -8,6 +9,7 @@ use super::records::{
 use super::sled_folder::{self, OpenError};
 use super::{ItemMeta, MetadataError, SavedConflict};
 use crate::model::{Hlc, ItemId, Knowledge, ReplicaId, Version};
+use std::ops::Bound;
 
 /// The store layout version written in the replica record. Bump it when a key layout or
 /// a record changes meaning; `open` refuses any other value.
@@ -58,7 +60,7 @@ pub struct StoreSummary {
 /// A replica's metadata store. Holds the sled handle exclusively (sled locks the folder),
 /// so the cached counters and knowledge below are the truth.
 pub struct MetadataStore {
-    db: sled::Db,
+    backend: Box<dyn Backend>,
     path: PathBuf,
     id: ReplicaId,
     clock: ClockRecord,
@@ -77,8 +79,17 @@ impl MetadataStore {
             });
         }
         let db = open_sled(path)?;
+        Self::create_in(Box::new(SledBackend {
+            db,
+            path: path.to_path_buf(),
+        }))
+    }
+
+    /// Creates a new replica in `backend`, which must hold no replica yet.
+    pub(crate) fn create_in(backend: Box<dyn Backend>) -> Result<Self, MetadataError> {
+        let path = PathBuf::from(backend.location());
         let id = ReplicaId::new_random();
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteBatch::default();
         batch.insert(
             KEY_REPLICA,
             encode(
@@ -93,12 +104,12 @@ impl MetadataStore {
         batch.insert(KEY_KNOWLEDGE, encode_knowledge_record(&Knowledge::new()));
         batch.insert(KEY_FORGOTTEN, encode_knowledge_record(&Knowledge::new()));
         let storage = |source| MetadataError::Storage {
-            path: path.to_path_buf(),
+            path: path.clone(),
             source,
         };
-        db.apply_batch(batch).map_err(storage)?;
-        db.flush().map_err(storage)?;
-        Self::load(db, path)
+        backend.apply(batch).map_err(storage)?;
+        backend.flush().map_err(storage)?;
+        Self::load(backend)
     }
 
     /// Opens an existing replica. A folder that holds no replica is left untouched.
@@ -109,57 +120,71 @@ impl MetadataStore {
             });
         }
         let db = open_sled(path)?;
-        Self::load(db, path)
+        Self::load(Box::new(SledBackend {
+            db,
+            path: path.to_path_buf(),
+        }))
     }
 
-    fn load(db: sled::Db, path: &Path) -> Result<Self, MetadataError> {
-        let path = path.to_path_buf();
-        let get = |key: &[u8]| -> Result<Option<sled::IVec>, MetadataError> {
-            db.get(key).map_err(|source| MetadataError::Storage {
-                path: path.clone(),
-                source,
-            })
-        };
-        let damaged = |key: &str, reason: String| MetadataError::Damaged {
-            path: path.clone(),
-            key: key.to_string(),
-            reason,
-        };
-        let Some(replica) = get(KEY_REPLICA)? else {
-            return Err(MetadataError::NotAReplica { path });
-        };
-        let replica: ReplicaRecord =
-            decode(KIND_REPLICA, &replica).map_err(|r| damaged("replica", r))?;
-        if replica.store_format != STORE_FORMAT {
-            return Err(MetadataError::FormatVersion {
-                path,
-                found: replica.store_format,
-                expected: STORE_FORMAT,
-            });
-        }
-        let clock: ClockRecord = decode(
-            KIND_CLOCK,
-            &get(KEY_CLOCK)?.ok_or_else(|| damaged("clock", "missing".into()))?,
-        )
-        .map_err(|r| damaged("clock", r))?;
-        let stored_knowledge = decode_knowledge_record(
-            &get(KEY_KNOWLEDGE)?.ok_or_else(|| damaged("knowledge", "missing".into()))?,
-        )
-        .map_err(|r| damaged("knowledge", r))?;
-        let forgotten = decode_knowledge_record(
-            &get(KEY_FORGOTTEN)?.ok_or_else(|| damaged("forgotten knowledge", "missing".into()))?,
-        )
-        .map_err(|r| damaged("forgotten knowledge", r))?;
-        debug_assert!(stored_knowledge.is_well_formed() && forgotten.is_well_formed());
+    /// Opens the replica stored in `backend`.
+    pub(crate) fn load(backend: Box<dyn Backend>) -> Result<Self, MetadataError> {
+        let fixed = read_fixed_records(&*backend)?;
         Ok(Self {
-            db,
-            path,
-            id: ReplicaId::from_bytes(replica.id),
-            clock,
-            stored_knowledge,
-            forgotten,
+            path: PathBuf::from(backend.location()),
+            backend,
+            id: fixed.id,
+            clock: fixed.clock,
+            stored_knowledge: fixed.knowledge,
+            forgotten: fixed.forgotten,
             poisoned: false,
         })
+    }
+
+    /// Reads the replica id, clock and knowledge again from storage. A store that
+    /// several processes share (PostgreSQL) calls this when it takes the replica over,
+    /// since another process may have committed since this handle last looked.
+    pub fn reload(&mut self) -> Result<(), MetadataError> {
+        let fixed = read_fixed_records(&*self.backend)?;
+        self.id = fixed.id;
+        self.clock = fixed.clock;
+        self.stored_knowledge = fixed.knowledge;
+        self.forgotten = fixed.forgotten;
+        self.poisoned = false;
+        Ok(())
+    }
+
+    /// Creates a replica named `replica` in the shared PostgreSQL table, or opens it
+    /// if it is there already. Processes that race to create one replica are
+    /// serialised by an advisory lock on its name: one creates, the others open.
+    pub fn open_or_create_postgres(
+        conninfo: &str,
+        replica: &str,
+        location: String,
+    ) -> Result<Self, MetadataError> {
+        let storage = |source| MetadataError::Storage {
+            path: PathBuf::from(location.clone()),
+            source,
+        };
+        // The lock lives on a connection of its own and goes with it.
+        let mut lock = super::postgres::connect(conninfo).map_err(storage)?;
+        lock.execute(
+            "SELECT pg_advisory_lock(hashtext($1))",
+            &[&format!("knit replica {replica}")],
+        )
+        .map_err(|e| storage(Box::new(e)))?;
+        let client = super::postgres::connect(conninfo).map_err(storage)?;
+        let backend = super::postgres::PostgresBackend::new(client, replica, location.clone());
+        if backend.holds_replica().map_err(storage)? {
+            Self::load(Box::new(backend))
+        } else {
+            Self::create_in(Box::new(backend))
+        }
+    }
+
+    /// Writes only while the shared lease names `session` (PostgreSQL; see
+    /// `metadata::postgres`). `None` lifts the fence.
+    pub fn set_fence(&self, session: Option<Vec<u8>>) {
+        self.backend.set_fence(session);
     }
 
     pub fn path(&self) -> &Path {
@@ -209,7 +234,7 @@ impl MetadataStore {
         &self.forgotten
     }
 
-    fn storage(&self, source: sled::Error) -> MetadataError {
+    fn storage(&self, source: BackendError) -> MetadataError {
         MetadataError::Storage {
             path: self.path.clone(),
             source,
@@ -231,9 +256,9 @@ impl MetadataStore {
         Ok(())
     }
 
-    fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, MetadataError> {
+    fn get(&self, key: &[u8]) -> Result<Option<Bytes>, MetadataError> {
         self.check()?;
-        self.db.get(key).map_err(|e| self.storage(e))
+        self.backend.get(key).map_err(|e| self.storage(e))
     }
 
     pub fn item(&self, id: &ItemId) -> Result<Option<ItemMeta>, MetadataError> {
@@ -280,7 +305,7 @@ impl MetadataStore {
 
     pub fn has_saved_conflicts(&self) -> Result<bool, MetadataError> {
         self.check()?;
-        match self.db.scan_prefix([PREFIX_CONFLICT]).next() {
+        match scan_prefix(&*self.backend, PREFIX_CONFLICT).next() {
             None => Ok(false),
             Some(entry) => entry.map(|_| true).map_err(|e| self.storage(e)),
         }
@@ -289,7 +314,7 @@ impl MetadataStore {
     pub fn saved_conflicts(&self) -> Result<Vec<SavedConflict>, MetadataError> {
         self.check()?;
         let mut out = Vec::new();
-        for entry in self.db.scan_prefix([PREFIX_CONFLICT]) {
+        for entry in scan_prefix(&*self.backend, PREFIX_CONFLICT) {
             let (key, value) = entry.map_err(|e| self.storage(e))?;
             out.push(SavedConflict::decode(&value).map_err(|r| self.damaged(&key, r))?);
         }
@@ -303,20 +328,17 @@ impl MetadataStore {
     ) -> impl Iterator<Item = Result<(ItemId, ItemMeta), MetadataError>> + '_ {
         let from = prefixed(PREFIX_ITEM, start);
         let poisoned = self.check().err();
-        poisoned
-            .into_iter()
-            .map(Err)
-            .chain(
-                self.db
-                    .range(from..[PREFIX_ITEM + 1].to_vec())
-                    .map(move |entry| {
-                        let (key, value) = entry.map_err(|e| self.storage(e))?;
-                        let id = ItemId::new(&key[1..])
-                            .map_err(|e| self.damaged(&key, e.to_string()))?;
-                        let meta = ItemMeta::decode(&value).map_err(|r| self.damaged(&key, r))?;
-                        Ok((id, meta))
-                    }),
-            )
+        poisoned.into_iter().map(Err).chain(
+            self.backend
+                .range(Bound::Included(&from), Bound::Excluded(&[PREFIX_ITEM + 1]))
+                .map(move |entry| {
+                    let (key, value) = entry.map_err(|e| self.storage(e))?;
+                    let id =
+                        ItemId::new(&key[1..]).map_err(|e| self.damaged(&key, e.to_string()))?;
+                    let meta = ItemMeta::decode(&value).map_err(|r| self.damaged(&key, r))?;
+                    Ok((id, meta))
+                }),
+        )
     }
 
     /// The ids of items whose current version `known` does not contain, in id order.
@@ -331,7 +353,10 @@ impl MetadataStore {
             let from = known.min_tick(replica).saturating_add(1);
             let start = index_key(Version::new(replica, from));
             let end = index_key(Version::new(replica, u64::MAX));
-            for entry in self.db.range(start..=end) {
+            for entry in self
+                .backend
+                .range(Bound::Included(&start), Bound::Included(&end))
+            {
                 let (key, value) = entry.map_err(|e| self.storage(e))?;
                 let tick = u64::from_be_bytes(
                     key[17..25]
@@ -353,7 +378,7 @@ impl MetadataStore {
     pub fn pending(&self) -> Result<Vec<Vec<u8>>, MetadataError> {
         self.check()?;
         let mut out = Vec::new();
-        for entry in self.db.scan_prefix([PREFIX_PENDING]) {
+        for entry in scan_prefix(&*self.backend, PREFIX_PENDING) {
             let (key, _) = entry.map_err(|e| self.storage(e))?;
             out.push(key[1..].to_vec());
         }
@@ -376,7 +401,10 @@ impl MetadataStore {
         let start = index_key(Version::new(replica, after.saturating_add(1)));
         let end = index_key(Version::new(replica, u64::MAX));
         let mut out = Vec::new();
-        for entry in self.db.range(start..=end) {
+        for entry in self
+            .backend
+            .range(Bound::Included(&start), Bound::Included(&end))
+        {
             let (key, value) = entry.map_err(|e| self.storage(e))?;
             out.push(ItemId::new(&value).map_err(|e| self.damaged(&key, e.to_string()))?);
         }
@@ -387,7 +415,7 @@ impl MetadataStore {
     pub fn summary(&self) -> Result<StoreSummary, MetadataError> {
         self.check()?;
         let mut s = StoreSummary::default();
-        for entry in self.db.iter() {
+        for entry in self.backend.range(Bound::Unbounded, Bound::Unbounded) {
             let (key, value) = entry.map_err(|e| self.storage(e))?;
             let bytes = (key.len() + value.len()) as u64;
             match key.first() {
@@ -415,7 +443,7 @@ impl MetadataStore {
     pub fn begin(&self) -> Commit {
         Commit {
             replica: self.id,
-            batch: sled::Batch::default(),
+            batch: WriteBatch::default(),
             items: BTreeMap::new(),
             clock: self.clock,
             knowledge: None,
@@ -424,7 +452,7 @@ impl MetadataStore {
         }
     }
 
-    /// Writes a commit as one atomic sled batch. On failure the handle is poisoned.
+    /// Writes a commit as one atomic batch. On failure the handle is poisoned.
     pub fn commit(&mut self, commit: Commit) -> Result<(), MetadataError> {
         self.check()?;
         let Commit {
@@ -463,7 +491,7 @@ impl MetadataStore {
         if let Some(f) = &forgotten {
             batch.insert(KEY_FORGOTTEN, encode_knowledge_record(f));
         }
-        if let Err(e) = self.db.apply_batch(batch) {
+        if let Err(e) = self.backend.apply(batch) {
             self.poisoned = true;
             return Err(self.storage(e));
         }
@@ -482,7 +510,7 @@ impl MetadataStore {
     /// keeps is read from the stored record.
     fn write_item_record(
         &self,
-        batch: &mut sled::Batch,
+        batch: &mut WriteBatch,
         id: &ItemId,
         pending: PendingItem,
     ) -> Result<(), MetadataError> {
@@ -493,7 +521,7 @@ impl MetadataStore {
                 return Ok(());
             }
             (MetaWrite::Put(_), DataWrite::Put(_) | DataWrite::Remove) => None,
-            _ => self.db.get(&key).map_err(|e| self.storage(e))?,
+            _ => self.backend.get(&key).map_err(|e| self.storage(e))?,
         };
         let stored = match &stored {
             Some(bytes) => {
@@ -519,7 +547,7 @@ impl MetadataStore {
     /// Blocks until every committed batch is on disk.
     pub fn flush(&mut self) -> Result<(), MetadataError> {
         self.check()?;
-        if let Err(e) = self.db.flush() {
+        if let Err(e) = self.backend.flush() {
             self.poisoned = true;
             return Err(self.storage(e));
         }
@@ -528,8 +556,8 @@ impl MetadataStore {
 
     /// Raw access to the sled tree, for the crash and damage tests only.
     #[doc(hidden)]
-    pub fn raw_tree(&self) -> &sled::Tree {
-        &self.db
+    pub fn raw_tree(&self) -> Option<&sled::Tree> {
+        self.backend.sled_tree()
     }
 }
 
@@ -562,7 +590,7 @@ struct PendingItem {
 /// The writes of one atomic commit.
 pub struct Commit {
     replica: ReplicaId,
-    batch: sled::Batch,
+    batch: WriteBatch,
     /// Item records are written at commit time: metadata and data of one item are
     /// one key, and either part may be set by a different call.
     items: BTreeMap<ItemId, PendingItem>,
@@ -692,6 +720,66 @@ impl Commit {
     }
 }
 
+/// The records every replica has, read when a store opens or reloads.
+struct FixedRecords {
+    id: ReplicaId,
+    clock: ClockRecord,
+    knowledge: Knowledge,
+    forgotten: Knowledge,
+}
+
+fn read_fixed_records(backend: &dyn Backend) -> Result<FixedRecords, MetadataError> {
+    let path = PathBuf::from(backend.location());
+    let get = |key: &[u8]| -> Result<Option<Bytes>, MetadataError> {
+        backend.get(key).map_err(|source| MetadataError::Storage {
+            path: path.clone(),
+            source,
+        })
+    };
+    let damaged = |key: &str, reason: String| MetadataError::Damaged {
+        path: path.clone(),
+        key: key.to_string(),
+        reason,
+    };
+    let Some(replica) = get(KEY_REPLICA)? else {
+        return Err(MetadataError::NotAReplica { path });
+    };
+    let replica: ReplicaRecord =
+        decode(KIND_REPLICA, &replica).map_err(|r| damaged("replica", r))?;
+    if replica.store_format != STORE_FORMAT {
+        return Err(MetadataError::FormatVersion {
+            path,
+            found: replica.store_format,
+            expected: STORE_FORMAT,
+        });
+    }
+    let clock: ClockRecord = decode(
+        KIND_CLOCK,
+        &get(KEY_CLOCK)?.ok_or_else(|| damaged("clock", "missing".into()))?,
+    )
+    .map_err(|r| damaged("clock", r))?;
+    let stored_knowledge = decode_knowledge_record(
+        &get(KEY_KNOWLEDGE)?.ok_or_else(|| damaged("knowledge", "missing".into()))?,
+    )
+    .map_err(|r| damaged("knowledge", r))?;
+    let forgotten = decode_knowledge_record(
+        &get(KEY_FORGOTTEN)?.ok_or_else(|| damaged("forgotten knowledge", "missing".into()))?,
+    )
+    .map_err(|r| damaged("forgotten knowledge", r))?;
+    debug_assert!(stored_knowledge.is_well_formed() && forgotten.is_well_formed());
+    Ok(FixedRecords {
+        id: ReplicaId::from_bytes(replica.id),
+        clock,
+        knowledge: stored_knowledge,
+        forgotten,
+    })
+}
+
+/// Every entry under a one-byte key prefix.
+fn scan_prefix(backend: &dyn Backend, prefix: u8) -> super::backend::Scan<'_> {
+    backend.range(Bound::Included(&[prefix]), Bound::Excluded(&[prefix + 1]))
+}
+
 fn open_sled(path: &Path) -> Result<sled::Db, MetadataError> {
     sled_folder::open(path).map_err(|e| match e {
         OpenError::InUse => MetadataError::InUse {
@@ -704,7 +792,7 @@ fn open_sled(path: &Path) -> Result<sled::Db, MetadataError> {
         },
         OpenError::Other(source) => MetadataError::Storage {
             path: path.to_path_buf(),
-            source,
+            source: Box::new(source),
         },
     })
 }

@@ -65,6 +65,27 @@ impl Replica {
         ))
     }
 
+    /// Opens the replica `name` of a shared PostgreSQL metadata table (built-in item
+    /// store), creating it if it is not there. `location` names it in messages.
+    pub fn open_or_create_postgres(
+        conninfo: &str,
+        name: &str,
+        location: String,
+    ) -> Result<Self, StoreError> {
+        Ok(Self::with_parts(
+            MetadataStore::open_or_create_postgres(conninfo, name, location)?,
+            Box::new(SledItems),
+            Arc::new(SystemClock),
+        ))
+    }
+
+    /// Reads the replica's clock and knowledge again from its store: another process
+    /// sharing the store may have committed since (see `MetadataStore::reload`).
+    pub fn reload(&mut self) -> Result<(), StoreError> {
+        self.enumeration = None;
+        Ok(self.metadata.reload()?)
+    }
+
     /// Assembles a replica from its parts (another item store, a test clock).
     pub fn with_parts(
         metadata: MetadataStore,

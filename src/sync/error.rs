@@ -48,6 +48,14 @@ pub enum SyncError {
         item: ItemId,
         reason: String,
     },
+    #[error("{url}: {}{message}", status.map(|s| format!("HTTP {s}: ")).unwrap_or_default())]
+    Remote {
+        /// The hosted replica's URL.
+        url: String,
+        /// The HTTP status of an error answer; `None` when no answer came.
+        status: Option<u16>,
+        message: String,
+    },
     #[error(transparent)]
     Metadata(#[from] MetadataError),
     #[error(transparent)]
