@@ -39,10 +39,12 @@ pub use schema::{
 #[cfg(feature = "proptest")]
 pub use sim::strategies as sim_strategies;
 pub use sim::{
-    simulate, simulate_with, ConflictTally, Faults, KeySpace, OperationMix, Phase, PolicyChoice,
-    ReplicaFactory, RunTotals, Scenario, ScenarioError, SimError, SimReplica, SimReport,
-    SledReplicas, StepMetrics, Topology, TopologyPhase, Violation, ViolationKind, MAX_SIM_KEYS,
-    MAX_SIM_REPLICAS, MAX_SIM_STEPS,
+    replay, replay_with, shrink, simulate, simulate_traced, simulate_with, BatchFault,
+    ConflictTally, Faults, KeySpace, OperationMix, Phase, PolicyChoice, ReplicaFactory, RunTotals,
+    Scenario, ScenarioError, ShrinkOptions, Shrunk, SimError, SimReplica, SimReport, SledReplicas,
+    StepMetrics, Topology, TopologyPhase, Trace, TraceError, TraceOp, TracedRun, Violation,
+    ViolationKind, Wanted, MAX_SIM_KEYS, MAX_SIM_REPLICAS, MAX_SIM_STEPS, MAX_TRACE_OPERATIONS,
+    SHRINK_REPLAYS_MAX, TRACE_FORMAT,
 };
 pub use stores::{
     CsvSource, Datasource, DatasourceError, EntityInfo, FieldInfo, FieldType, GcReport,

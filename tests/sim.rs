@@ -1,7 +1,9 @@
 //! The simulator: the shipped scenarios pass under a fixed seed set and exercise the
 //! faults they promise, a seed reproduces a run byte for byte, and a provider that lies
 //! (drops an applied change, or claims knowledge it has not stored) is caught with the
-//! seed that shows it.
+//! seed that shows it. A run's trace replays to the same report or violation, a
+//! violating trace shrinks to a handful of operations, and a damaged trace file is
+//! refused with the place at fault.
 
 mod common;
 
@@ -11,11 +13,12 @@ use std::sync::Arc;
 
 use common::TestResult;
 use knit::{
-    simulate, simulate_with, BatchOutcome, BatchRequest, ChangeBatch, ChangeDestination,
-    ChangeGroup, ChangeKind, ChangeSource, Clock, ConflictPolicy, GcReport, IdRange, ItemId,
-    ItemMeta, Knowledge, PeerInfo, Replica, ReplicaFactory, ReplicaId, Scenario, SimError,
-    SimReplica, SledReplicas, StoreError, SyncError, SyncObserver, SyncProvider, Version,
-    ViolationKind,
+    replay, replay_with, shrink, simulate, simulate_traced, simulate_with, BatchFault,
+    BatchOutcome, BatchRequest, ChangeBatch, ChangeDestination, ChangeGroup, ChangeKind,
+    ChangeSource, Clock, ConflictPolicy, GcReport, IdRange, ItemId, ItemMeta, Knowledge, PeerInfo,
+    Replica, ReplicaFactory, ReplicaId, Scenario, ShrinkOptions, SimError, SimReplica,
+    SledReplicas, StoreError, SyncError, SyncObserver, SyncProvider, Trace, TraceOp, Version,
+    Violation, ViolationKind,
 };
 
 const EXAMPLES: [&str; 7] = [
@@ -633,12 +636,13 @@ impl<L: Lie + 'static> ReplicaFactory for OneFaulty<L> {
 }
 
 /// The first seed in `seeds` under which the simulator catches replica 1's lie, checked
-/// to reproduce the same violation and to pass with honest replicas.
+/// to reproduce the same violation, from its seed and from its trace, and to pass with
+/// honest replicas. Returns the violation and the run's trace.
 fn caught_with_its_seed<L: Lie + 'static>(
     scenario: &Scenario,
     lie: fn() -> L,
     seeds: std::ops::Range<u64>,
-) -> Result<knit::Violation, Box<dyn std::error::Error>> {
+) -> Result<(Violation, Trace), Box<dyn std::error::Error>> {
     let mut caught = None;
     for seed in seeds.clone() {
         match simulate_with(scenario, seed, &mut OneFaulty { faulty: 1, lie }) {
@@ -651,16 +655,21 @@ fn caught_with_its_seed<L: Lie + 'static>(
         }
     }
     let violation = caught.ok_or(format!("no seed in {seeds:?} caught the lie"))?;
-    // The seed reproduces it exactly, and the honest engine passes it.
-    let again = simulate_with(scenario, violation.seed, &mut OneFaulty { faulty: 1, lie });
-    match again {
+    // The seed reproduces it exactly, and so does the run's trace, replayed.
+    let again = simulate_traced(scenario, violation.seed, &mut OneFaulty { faulty: 1, lie });
+    match again.result {
         Err(SimError::Violation(v)) => assert_eq!(v, violation),
         other => {
             return Err(format!("seed {} did not reproduce: {other:?}", violation.seed).into())
         }
     }
+    match replay_with(&again.trace, &mut OneFaulty { faulty: 1, lie }) {
+        Err(SimError::Violation(v)) => assert_eq!(v, violation),
+        other => return Err(format!("the trace did not reproduce: {other:?}").into()),
+    }
+    // The honest engine passes it.
     simulate(scenario, violation.seed)?;
-    Ok(*violation)
+    Ok((*violation, again.trace))
 }
 
 #[test]
@@ -669,7 +678,7 @@ fn a_replica_that_drops_an_applied_change_is_caught_with_its_seed() -> TestResul
     // A dropped change that would have lost a last-writer-wins conflict anyway leaves
     // no trace (the replica holds the winner either way), so look for the first seed
     // whose drop matters; with this scenario it is among the first few.
-    let violation = caught_with_its_seed(&scenario, || DropsOneChange, 0..10)?;
+    let (violation, _) = caught_with_its_seed(&scenario, || DropsOneChange, 0..10)?;
     assert_eq!(violation.kind, ViolationKind::Unsound, "{violation}");
     assert!(violation.detail.contains("r1 knows"), "{violation}");
     // The step's operations, the reproduction, include the session into r1.
@@ -688,7 +697,7 @@ fn a_replica_that_claims_knowledge_it_has_not_stored_is_caught_with_its_seed() -
     let scenario = Scenario::load(&example("mesh5"))?;
     // The stretched group teaches r1 nothing false when the source holds nothing after
     // the batch that r1 lacks; the first seed where it does is among the first few.
-    let violation = caught_with_its_seed(&scenario, || ClaimsUnstoredKnowledge, 0..10)?;
+    let (violation, _) = caught_with_its_seed(&scenario, || ClaimsUnstoredKnowledge, 0..10)?;
     assert_eq!(violation.kind, ViolationKind::Unsound, "{violation}");
     assert!(
         violation.detail.starts_with("r1 knows")
@@ -708,7 +717,7 @@ fn a_replica_that_claims_knowledge_it_has_not_stored_is_caught_with_its_seed() -
 #[test]
 fn a_replica_that_changes_when_a_batch_arrives_twice_is_caught() -> TestResult {
     let scenario = Scenario::load(&example("star6_duplicates"))?;
-    let violation = caught_with_its_seed(&scenario, WritesOnRedelivery::default, 0..5)?;
+    let (violation, _) = caught_with_its_seed(&scenario, WritesOnRedelivery::default, 0..5)?;
     assert_eq!(violation.kind, ViolationKind::NotIdempotent, "{violation}");
     assert!(
         violation
@@ -723,5 +732,276 @@ fn a_replica_that_changes_when_a_batch_arrives_twice_is_caught() -> TestResult {
             .any(|op| op.ends_with("delivered again to r1")),
         "{violation}"
     );
+    Ok(())
+}
+
+/// Shrinks the trace of a faulty replica's violation and checks the result: at most
+/// `bound` operations, the same kind of violation when replayed again, and the same
+/// result when shrunk twice (shrinking is deterministic).
+fn shrinks_within<L: Lie + 'static>(
+    violation: &Violation,
+    trace: &Trace,
+    lie: fn() -> L,
+    bound: usize,
+) -> Result<knit::Shrunk, Box<dyn std::error::Error>> {
+    let shrunk = shrink(
+        trace,
+        violation.kind,
+        &mut OneFaulty { faulty: 1, lie },
+        ShrinkOptions::default(),
+    )?;
+    let operations = shrunk.trace.lines();
+    assert!(
+        operations.len() <= bound && !shrunk.replays_ran_out,
+        "{} of {} operations left after {} replays:\n{}",
+        operations.len(),
+        trace.operations.len(),
+        shrunk.replays,
+        operations.join("\n")
+    );
+    assert_eq!(shrunk.violation.kind, violation.kind);
+    assert_eq!(shrunk.violation.seed, violation.seed);
+    // The shrunk trace, written to JSON and read back, still violates the same check.
+    let reread = Trace::from_json(&shrunk.trace.to_json(), "shrunk.json")?;
+    match replay_with(&reread, &mut OneFaulty { faulty: 1, lie }) {
+        Err(SimError::Violation(v)) => assert_eq!(*v, shrunk.violation),
+        other => return Err(format!("the shrunk trace did not violate: {other:?}").into()),
+    }
+    let again = shrink(
+        trace,
+        violation.kind,
+        &mut OneFaulty { faulty: 1, lie },
+        ShrinkOptions::default(),
+    )?;
+    assert_eq!(again, shrunk, "two shrinks of one trace differ");
+    Ok(shrunk)
+}
+
+/// The replica that claims knowledge it has not stored is caught some 80 operations
+/// into a run; the reproduction needs only the writes that give a source three items
+/// (one more than a batch holds, so the first batch is not the last) and the session
+/// into r1 whose first batch it stretches.
+#[test]
+fn a_claim_of_unstored_knowledge_shrinks_to_a_handful_of_operations() -> TestResult {
+    let scenario = Scenario::load(&example("mesh5"))?;
+    let (violation, trace) = caught_with_its_seed(&scenario, || ClaimsUnstoredKnowledge, 0..10)?;
+    assert!(trace.operations.len() >= 40, "{}", trace.operations.len());
+    let shrunk = shrinks_within(&violation, &trace, || ClaimsUnstoredKnowledge, 5)?;
+    // The session into the liar survives, and only the replicas it needs are left.
+    assert!(
+        shrunk
+            .trace
+            .operations
+            .iter()
+            .any(|op| matches!(op, TraceOp::Sync { destination: 1, .. })),
+        "{:?}",
+        shrunk.trace.lines()
+    );
+    assert!(shrunk.trace.replicas.len() < trace.replicas.len());
+    Ok(())
+}
+
+/// A redelivery fault is part of the reproduction: shrinking keeps the session's
+/// duplicated batch and drops every other fault (31 operations shrink to a write, the
+/// session that brings it to the hub, and the hub's session into r1 with the batch
+/// delivered twice).
+#[test]
+fn a_non_idempotent_redelivery_shrinks_to_its_duplicated_batch() -> TestResult {
+    let scenario = Scenario::load(&example("star6_duplicates"))?;
+    let (violation, trace) = caught_with_its_seed(&scenario, WritesOnRedelivery::default, 0..5)?;
+    assert!(trace.operations.len() >= 20, "{}", trace.operations.len());
+    let shrunk = shrinks_within(&violation, &trace, WritesOnRedelivery::default, 3)?;
+    let faults: Vec<&BatchFault> = shrunk
+        .trace
+        .operations
+        .iter()
+        .flat_map(|op| match op {
+            TraceOp::Sync { faults, .. } => faults.as_slice(),
+            _ => &[],
+        })
+        .collect();
+    assert!(
+        matches!(faults.as_slice(), [BatchFault::Duplicated { .. }]),
+        "{:?}",
+        shrunk.trace.lines()
+    );
+    Ok(())
+}
+
+/// The trace of a passing run replays to the same report, byte for byte, for scenarios
+/// with every kind of operation: cancelled sessions, cleanup and reopens, kills,
+/// lost and duplicated batches, partitions and a changing topology.
+#[test]
+fn replaying_a_seeded_runs_full_trace_gives_the_same_report() -> TestResult {
+    for name in [
+        "ring8_cancel_gc",
+        "mesh6_crashes",
+        "ring6_lost_batches",
+        "star6_duplicates",
+        "changing6",
+    ] {
+        let scenario = Scenario::load(&example(name))?;
+        let run = simulate_traced(&scenario, 0, &mut SledReplicas);
+        let report = run.result?;
+        assert_eq!(
+            serde_json::to_string(&report)?,
+            serde_json::to_string(&simulate(&scenario, 0)?)?,
+            "{name}: keeping a trace changed the run"
+        );
+        // Faults are in the trace, so the replay does not need the seed for them.
+        let faulty_batches = run
+            .trace
+            .operations
+            .iter()
+            .map(|op| match op {
+                TraceOp::Sync { faults, .. } => faults.len(),
+                _ => 0,
+            })
+            .sum::<usize>();
+        if scenario.faults.crash_rate + scenario.faults.lose_batch_rate > 0.0
+            || scenario.faults.duplicate_batch_rate > 0.0
+        {
+            assert!(faulty_batches > 0, "{name}: no fault in the trace");
+        }
+        let reread = Trace::from_json(&run.trace.to_json(), &format!("{name}.json"))?;
+        assert_eq!(reread, run.trace);
+        let replayed = replay(&reread)?;
+        assert_eq!(
+            serde_json::to_string(&replayed)?,
+            serde_json::to_string(&report)?,
+            "{name}: the replay differs from the run"
+        );
+    }
+    Ok(())
+}
+
+/// A scenario whose convergence may take one round only fails as soon as any change
+/// is left to move: a real violation of the honest engine, which the command shrinks.
+fn one_round_scenario(dir: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let text = std::fs::read_to_string(example("mesh5"))?
+        .replace("steps = 30", "steps = 6")
+        .replace(
+            "policy = \"last_writer_wins\"",
+            "policy = \"last_writer_wins\"\nconverge_rounds_max = 1",
+        );
+    let path = dir.join("one_round.toml");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+#[test]
+fn a_violation_prints_a_minimal_reproduction_that_replays_from_its_file() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let scenario = one_round_scenario(dir.path())?;
+    let trace_file = dir.path().join("repro.json");
+    let (code, stdout, stderr) = knit_sim(&[
+        scenario.to_str().ok_or("path is not UTF-8")?,
+        "--seed",
+        "0",
+        "--trace-out",
+        trace_file.to_str().ok_or("path is not UTF-8")?,
+    ])?;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("--replay"), "{stderr}");
+    // The seed, the step, the violation, then the operations, numbered: one write and
+    // the convergence that cannot move it in one round.
+    let at = stdout
+        .find("reproduction of seed 0 (shrunk from ")
+        .ok_or(format!("no reproduction in:\n{stdout}"))?;
+    let reproduction: Vec<&str> = stdout[at..].lines().collect();
+    assert!(
+        reproduction
+            .get(1)
+            .is_some_and(|l| l.contains("violates at convergence round 0: NotConverged")),
+        "{stdout}"
+    );
+    let numbered: Vec<&str> = reproduction
+        .iter()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .copied()
+        .collect();
+    assert_eq!(numbered.len(), 2, "{stdout}");
+    assert!(
+        numbered[0].trim_start().starts_with("1. put ")
+            && numbered[1].trim_start().starts_with("2. faults stop"),
+        "{stdout}"
+    );
+
+    let trace = Trace::load(&trace_file)?;
+    assert_eq!(trace.operations.len(), 2);
+    let (code, replayed, stderr) = knit_sim(&[
+        "--replay",
+        trace_file.to_str().ok_or("path is not UTF-8")?,
+        "--no-shrink",
+    ])?;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        replayed.contains("NotConverged") && replayed.contains("as recorded, not shrunk"),
+        "{replayed}"
+    );
+
+    // Unshrunk, the reproduction is the whole run up to the violation.
+    let (code, full, _) = knit_sim(&[
+        scenario.to_str().ok_or("path is not UTF-8")?,
+        "--no-shrink",
+        "--json",
+    ])?;
+    assert_eq!(code, 1);
+    let last = full.lines().last().ok_or("no output")?;
+    let object: serde_json::Value = serde_json::from_str(last)?;
+    assert_eq!(object["result"], "reproduction");
+    let operations = object["trace"]["operations"]
+        .as_array()
+        .ok_or("no operations")?;
+    assert!(operations.len() > 10, "{last}");
+    Ok(())
+}
+
+#[test]
+fn a_damaged_trace_file_is_refused_naming_the_file_and_the_place() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let good = dir.path().join("good.json");
+    let (code, _, stderr) = knit_sim(&[
+        example("mesh5").to_str().ok_or("path is not UTF-8")?,
+        "--trace-out",
+        good.to_str().ok_or("path is not UTF-8")?,
+    ])?;
+    assert_eq!(code, 0, "{stderr}");
+    let text = std::fs::read_to_string(&good)?;
+    let put = "{\"op\":\"put\",\"replica\":";
+    let first_put = text.find(put).ok_or("no put in the trace")?;
+    let put_line = text[..first_put].lines().count();
+    // The first put's replica (one digit: mesh5 has five) becomes r9.
+    let mut wrong_replica = text.clone();
+    let digit = first_put + put.len();
+    wrong_replica.replace_range(digit..digit + 1, "9");
+    let damages = [
+        // Cut short: JSON ends in the middle.
+        (text[..text.len() / 2].to_string(), "bad.json:".to_string()),
+        // An operation the format does not have, on its line.
+        (
+            text.replacen("\"op\":\"put\"", "\"op\":\"pot\"", 1),
+            format!("bad.json:{put_line}:"),
+        ),
+        // A replica the trace does not list.
+        (wrong_replica, "`operations[".to_string()),
+        // A format this build does not read.
+        (
+            text.replacen("\"format\": 1", "\"format\": 7", 1),
+            "`format` is 7".to_string(),
+        ),
+    ];
+    for (damaged, place) in damages {
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, &damaged)?;
+        let (code, stdout, stderr) =
+            knit_sim(&["--replay", bad.to_str().ok_or("path is not UTF-8")?])?;
+        assert_eq!(code, 2, "{stderr}");
+        assert!(
+            stderr.contains("bad.json") && stderr.contains(&place),
+            "expected {place:?} in: {stderr}"
+        );
+        assert_eq!(stdout, "", "a replay ran from a damaged file");
+    }
     Ok(())
 }

@@ -164,22 +164,7 @@ enum Command {
         engine: bool,
     },
     /// Run a simulation scenario (TOML) over real replicas; exit 1 on a violation
-    Sim {
-        scenario: PathBuf,
-        /// The seed to run (default 0)
-        #[arg(long, value_name = "N", conflicts_with = "seeds")]
-        seed: Option<u64>,
-        /// Run every seed from A up to B (B left out)
-        #[arg(long, value_name = "A..B", value_parser = sim::parse_seeds)]
-        seeds: Option<std::ops::Range<u64>>,
-        /// One JSON object per seed
-        #[arg(long)]
-        json: bool,
-        /// Also draw exceptions, tombstones, conflicts and changes sent over the steps
-        /// as an SVG file: one line per seed that passed, the first 8 at most
-        #[arg(long, value_name = "FILE.svg")]
-        plot: Option<PathBuf>,
-    },
+    Sim(sim::SimCommand),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -403,24 +388,7 @@ fn dispatch(command: Command, out: &mut dyn Write) -> CliResult {
         }
         Command::Demo { dir, engine: true } => demo::demo(dir, out),
         Command::Demo { dir, engine: false } => shop_demo::demo(dir, out),
-        Command::Sim {
-            scenario,
-            seed,
-            seeds,
-            json,
-            plot,
-        } => sim::sim(
-            &sim::SimArgs {
-                scenario,
-                seeds: seeds.unwrap_or_else(|| {
-                    let seed = seed.unwrap_or(0);
-                    seed..seed.saturating_add(1)
-                }),
-                json,
-                plot,
-            },
-            out,
-        ),
+        Command::Sim(command) => sim::sim(command, out),
     }
 }
 

@@ -1,5 +1,11 @@
-//! The driver: runs a scenario over real replicas under one seed, checks after every
-//! step, and measures.
+//! The driver: runs a scenario over real replicas, under one seed or from a trace,
+//! checks after every step, and measures.
+//!
+//! Two front ends share one executor. [`Schedule`] draws a seeded run's decisions and
+//! hands each to [`Sim`] as an operation; a replay ([`super::replay`]) hands it the
+//! operations of a trace. `Sim` performs every operation the same way whoever chose
+//! it, writes it into the trace it keeps, runs the checks and keeps the figures, so a
+//! replay goes through the same code as the run it reproduces.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -13,11 +19,11 @@ use crate::sync::{
 };
 
 use super::history::{History, Snapshot};
-use super::link::{Link, LinkFaults};
+use super::link::{Link, LinkFaults, LinkPlan};
 use super::report::LinkTally;
 use super::{
-    Phase, ReplicaFactory, Scenario, SimClock, SimError, SimReplica, SimReport, SimRng,
-    SledReplicas, StepMetrics, Violation, ViolationKind,
+    Phase, PolicyChoice, ReplicaFactory, Scenario, SimClock, SimError, SimReplica, SimReport,
+    SimRng, SledReplicas, StepMetrics, Trace, TraceOp, Violation, ViolationKind, Wanted,
 };
 
 /// Where the clock starts: far from 0, so "older than" arithmetic never saturates.
@@ -38,10 +44,53 @@ pub fn simulate_with(
     seed: u64,
     factory: &mut dyn ReplicaFactory,
 ) -> Result<SimReport, SimError> {
-    scenario.check()?;
-    let folder = SimFolder::new(seed)?;
-    let mut sim = Sim::new(scenario, seed, factory, folder)?;
-    sim.run()
+    simulate_traced(scenario, seed, factory).result
+}
+
+/// A seeded run and its trace: every operation the driver performed, up to the
+/// violation if there was one, then the convergence if the run reached it.
+#[derive(Debug)]
+pub struct TracedRun {
+    pub result: Result<SimReport, SimError>,
+    pub trace: Trace,
+}
+
+/// Runs `scenario` under `seed` over the replicas `factory` makes, and keeps the trace
+/// of the run (see [`super::replay_with`] and [`super::shrink`]).
+pub fn simulate_traced(
+    scenario: &Scenario,
+    seed: u64,
+    factory: &mut dyn ReplicaFactory,
+) -> TracedRun {
+    let mut trace = Trace::empty(&scenario.name, seed, scenario.replicas, &[]);
+    let result = (|| {
+        scenario.check()?;
+        let keys = scenario_keys(scenario)?;
+        trace = Trace::empty(&scenario.name, seed, scenario.replicas, &keys);
+        let folder = SimFolder::new(seed)?;
+        let places: Vec<usize> = (0..scenario.replicas).collect();
+        let mut sim = Sim::new(&scenario.name, seed, &places, &keys, factory, folder)?;
+        let result = Schedule::new(scenario, seed, keys).run(&mut sim);
+        trace.operations = std::mem::take(&mut sim.trace);
+        result
+    })();
+    TracedRun { result, trace }
+}
+
+/// The scenario's keys, `k0..kN` padded to one width so they sort in order.
+fn scenario_keys(scenario: &Scenario) -> Result<Vec<ItemId>, SimError> {
+    let width = scenario.keys.count.saturating_sub(1).to_string().len();
+    (0..scenario.keys.count)
+        .map(|k| ItemId::new(format!("k{k:0width$}").as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            SimError::Scenario(super::ScenarioError::Invalid {
+                file: format!("scenario {:?}", scenario.name),
+                line: 0,
+                field: "keys.count".into(),
+                reason: e.to_string(),
+            })
+        })
 }
 
 /// A temporary folder for one run's replicas, removed on drop. (tempfile is only a
@@ -114,246 +163,106 @@ impl SyncObserver for CancelAfterFirstBatch {
     }
 }
 
-struct Sim<'a> {
-    scenario: &'a Scenario,
-    seed: u64,
+/// A seeded run's decisions: every choice comes from the seeded stream, in an order
+/// old seeds rely on, and becomes an operation for [`Sim`].
+struct Schedule<'s> {
+    scenario: &'s Scenario,
     rng: SimRng,
-    clock: Arc<SimClock>,
-    factory: &'a mut dyn ReplicaFactory,
-    keys: Vec<ItemId>,
-    /// The edges of the topology (phase) in force.
-    edges: Vec<(usize, usize)>,
-    /// Which phase of a changing topology `edges` belong to.
-    topology_phase: usize,
     /// The topology's own stream, so the random graph does not shift the schedule's
     /// draws; a changing topology draws each random phase from it as the phase starts.
     topology_rng: SimRng,
-    /// Downed edges and the step at which each heals.
-    down_until: BTreeMap<(usize, usize), u64>,
-    history: History,
+    /// Which phase of a changing topology is in force.
+    topology_phase: usize,
+    keys: Vec<ItemId>,
     next_value: u64,
-    phase: Phase,
-    step: u64,
-    /// What the current step has done so far, for a violation's reproduction.
-    operations: Vec<String>,
-    /// `None` only while a replica is closed for a reopen or lent to a session.
-    replicas: Vec<Option<Box<dyn SimReplica>>>,
-    /// Each replica's folder: its first one, or the crash image of its last kill.
-    paths: Vec<PathBuf>,
-    /// Kills so far, to name crash images.
-    kills: u64,
-    /// Declared after `replicas`, so the replicas (and their sled locks) are dropped
-    /// before the folder is removed.
-    folder: SimFolder,
 }
 
-impl<'a> Sim<'a> {
-    fn new(
-        scenario: &'a Scenario,
-        seed: u64,
-        factory: &'a mut dyn ReplicaFactory,
-        folder: SimFolder,
-    ) -> Result<Self, SimError> {
-        let width = scenario.keys.count.saturating_sub(1).to_string().len();
-        let keys = (0..scenario.keys.count)
-            .map(|k| ItemId::new(format!("k{k:0width$}").as_bytes()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| {
-                SimError::Scenario(super::ScenarioError::Invalid {
-                    file: format!("scenario {:?}", scenario.name),
-                    line: 0,
-                    field: "keys.count".into(),
-                    reason: e.to_string(),
-                })
-            })?;
-        let mut topology_rng = SimRng::new(seed ^ TOPOLOGY_STREAM);
-        let (topology_phase, topology) = scenario.topology.phase_at(0);
-        let edges = topology.edges(scenario.replicas, &mut topology_rng);
-        let mut sim = Self {
+impl<'s> Schedule<'s> {
+    fn new(scenario: &'s Scenario, seed: u64, keys: Vec<ItemId>) -> Self {
+        Self {
             scenario,
-            seed,
             rng: SimRng::new(seed),
-            clock: Arc::new(SimClock::starting_at(CLOCK_START_MS)),
-            factory,
-            history: History::new(&keys),
+            topology_rng: SimRng::new(seed ^ TOPOLOGY_STREAM),
+            topology_phase: 0,
             keys,
-            edges,
-            topology_phase,
-            topology_rng,
-            down_until: BTreeMap::new(),
             next_value: 0,
-            phase: Phase::Workload,
-            step: 0,
-            operations: Vec::new(),
-            replicas: Vec::new(),
-            paths: Vec::new(),
-            kills: 0,
-            folder,
-        };
-        for index in 0..scenario.replicas {
-            let clock: Arc<dyn Clock> = sim.clock.clone();
-            let path = sim.folder.replica(index);
-            let replica = sim.factory.create(index, &path, clock).map_err(|e| {
-                sim.violation(ViolationKind::Engine, format!("create r{index}: {e}"))
-            })?;
-            sim.history.name_replica(replica.replica_id(), index);
-            sim.replicas.push(Some(replica));
-            sim.paths.push(path);
         }
-        Ok(sim)
     }
 
-    fn violation(&self, kind: ViolationKind, detail: String) -> SimError {
-        SimError::Violation(Box::new(Violation {
-            scenario: self.scenario.name.clone(),
-            seed: self.seed,
-            phase: self.phase,
-            step: self.step,
-            kind,
-            detail,
-            operations: self.operations.clone(),
-        }))
-    }
-
-    fn engine(&self, what: &str, e: impl std::fmt::Display) -> SimError {
-        self.violation(ViolationKind::Engine, format!("{what}: {e}"))
-    }
-
-    fn replica(&mut self, index: usize) -> Result<&mut (dyn SimReplica + 'static), SimError> {
-        // Always open outside `session` and `reopen`, which put it back; the error is
-        // for a broken driver, and borrows only the fields it names.
-        let (scenario, seed, phase, step) = (&self.scenario.name, self.seed, self.phase, self.step);
-        self.replicas
-            .get_mut(index)
-            .and_then(|slot| slot.as_deref_mut())
-            .ok_or_else(|| {
-                SimError::Violation(Box::new(Violation {
-                    scenario: scenario.clone(),
-                    seed,
-                    phase,
-                    step,
-                    kind: ViolationKind::Engine,
-                    detail: format!("r{index} is not open"),
-                    operations: Vec::new(),
-                }))
-            })
-    }
-
-    fn run(&mut self) -> Result<SimReport, SimError> {
-        let mut steps = Vec::new();
+    fn run(&mut self, sim: &mut Sim<'_>) -> Result<SimReport, SimError> {
         for step in 0..self.scenario.steps {
-            steps.push(self.workload_step(step)?);
+            self.workload_step(sim, step)?;
         }
-        let (convergence, rounds) = self.converge()?;
-        self.final_checks()?;
-        Ok(SimReport {
-            scenario: self.scenario.name.clone(),
-            seed: self.seed,
-            replicas: u64::try_from(self.scenario.replicas).unwrap_or(u64::MAX),
-            steps,
-            convergence,
-            rounds_to_converge: rounds,
-            versions_made: u64::try_from(self.history.versions_made()).unwrap_or(u64::MAX),
-        })
+        let s = self.scenario;
+        sim.converge(s.converge_rounds_max, s.step_ms, s.batch_size, s.policy)?;
+        Ok(sim.report())
     }
 
-    fn workload_step(&mut self, step: u64) -> Result<StepMetrics, SimError> {
-        self.phase = Phase::Workload;
-        self.step = step;
-        self.operations.clear();
-        self.clock.advance(self.scenario.step_ms);
-        let mut metrics = StepMetrics {
-            step,
-            topology_changes: u64::from(step == 0),
-            ..StepMetrics::default()
-        };
-        self.change_topology(step, &mut metrics);
-        let healed: Vec<(usize, usize)> = self
+    fn workload_step(&mut self, sim: &mut Sim<'_>, step: u64) -> Result<(), SimError> {
+        sim.begin_step(step, self.scenario.step_ms)?;
+        self.change_topology(sim, step);
+        let healed: Vec<(usize, usize)> = sim
             .down_until
             .iter()
             .filter(|(_, until)| **until <= step)
             .map(|(edge, _)| *edge)
             .collect();
         for (a, b) in healed {
-            self.down_until.remove(&(a, b));
-            self.operations.push(format!("heal r{a}–r{b}"));
+            sim.heal(a, b);
         }
         let faults = &self.scenario.faults;
         if self.rng.chance(faults.partition_rate) {
-            if let Some((a, b)) = self.random_up_edge() {
-                let until = step + faults.partition_steps;
-                self.down_until.insert((a, b), until);
-                self.operations
-                    .push(format!("partition r{a}–r{b} until step {until}"));
+            if let Some((a, b)) = self.random_up_edge(sim) {
+                sim.partition(a, b, step + faults.partition_steps);
             }
         }
         for _ in 0..self.scenario.operations_per_step {
-            if self.local_operation()? {
-                metrics.operations += 1;
-            }
+            self.local_operation(sim)?;
         }
         let faults = &self.scenario.faults;
         if self.rng.chance(faults.gc_rate) {
             let index = self.rng.below(self.scenario.replicas);
-            let age = faults.tombstone_age_ms;
-            self.operations
-                .push(format!("gc r{index} older than {age} ms"));
-            let report = self
-                .replica(index)?
-                .collect_garbage(age)
-                .map_err(|e| self.engine(&format!("gc r{index}"), e))?;
-            metrics.tombstones_removed += report.tombstones_removed;
+            sim.gc(index, faults.tombstone_age_ms)?;
         }
         if self.rng.chance(self.scenario.faults.reopen_rate) {
             let index = self.rng.below(self.scenario.replicas);
-            self.reopen(index)?;
-            metrics.reopened += 1;
+            sim.reopen(index)?;
         }
         for _ in 0..self.scenario.syncs_per_step {
-            let Some((a, b)) = self.random_up_edge() else {
+            let Some((a, b)) = self.random_up_edge(sim) else {
                 continue;
             };
             let (source, destination) = if self.rng.chance(0.5) { (a, b) } else { (b, a) };
             let cancel = self.rng.chance(self.scenario.faults.cancel_rate);
-            let (stats, link) = self.session(source, destination, cancel)?;
-            metrics.add_session(&stats, &link);
+            let faults = &self.scenario.faults;
+            // Drawn only when a batch fault is set, so other scenarios keep their schedule.
+            let plan = if faults.touch_batches() {
+                LinkPlan::Seeded(LinkFaults::of(faults), SimRng::new(self.rng.next_u64()))
+            } else {
+                LinkPlan::Forward
+            };
+            let s = self.scenario;
+            sim.sync(source, destination, s.batch_size, s.policy, cancel, plan)?;
         }
-        self.check_all(&mut metrics)?;
-        metrics.edges = u64::try_from(self.edges.len()).unwrap_or(u64::MAX);
-        metrics.edges_down = u64::try_from(self.down_until.len()).unwrap_or(u64::MAX);
-        Ok(metrics)
+        Ok(())
     }
 
-    /// Moves a changing topology to the phase in force at `step`; a partition of an
-    /// edge the new phase lacks is dropped with the edge.
-    fn change_topology(&mut self, step: u64, metrics: &mut StepMetrics) {
+    /// The topology in force at `step`: the first phase's at step 0, a changing
+    /// topology's next phase at the step it starts (a partition of an edge the new
+    /// phase lacks is dropped with the edge).
+    fn change_topology(&mut self, sim: &mut Sim<'_>, step: u64) {
         let (phase, topology) = self.scenario.topology.phase_at(step);
-        if phase == self.topology_phase {
+        if step > 0 && phase == self.topology_phase {
             return;
         }
         self.topology_phase = phase;
-        self.edges = topology.edges(self.scenario.replicas, &mut self.topology_rng);
-        let edges = &self.edges;
-        self.down_until.retain(|edge, _| edges.contains(edge));
-        metrics.topology_changes += 1;
-        self.operations.push(format!(
-            "topology phase {phase}: {}, {} edges",
-            topology.describe(),
-            self.edges.len()
-        ));
-    }
-
-    fn up_edges(&self) -> Vec<(usize, usize)> {
-        self.edges
-            .iter()
-            .filter(|e| !self.down_until.contains_key(e))
-            .copied()
-            .collect()
+        let edges = topology.edges(self.scenario.replicas, &mut self.topology_rng);
+        sim.set_topology(phase, topology.describe(), edges);
     }
 
     /// An edge that is not partitioned; draws from the stream only when there is one.
-    fn random_up_edge(&mut self) -> Option<(usize, usize)> {
-        let up = self.up_edges();
+    fn random_up_edge(&mut self, sim: &Sim<'_>) -> Option<(usize, usize)> {
+        let up = sim.up_edges();
         if up.is_empty() {
             return None;
         }
@@ -371,82 +280,403 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// One put, update or delete on a random replica; false when it had nothing to do
-    /// (an update or delete at a replica with no live key).
-    fn local_operation(&mut self) -> Result<bool, SimError> {
+    /// One put, update or delete on a random replica (or nothing, for an update or
+    /// delete at a replica with no live key).
+    fn local_operation(&mut self, sim: &mut Sim<'_>) -> Result<(), SimError> {
         let mix = &self.scenario.operations;
         let Some(kind) = self.rng.weighted(&[mix.put, mix.update, mix.delete]) else {
-            return Ok(false);
+            return Ok(());
         };
         let index = self.rng.below(self.scenario.replicas);
         let key = if kind == 0 {
             let pick = self.pick_key();
             self.keys.get(pick).cloned()
         } else {
-            let live = self
-                .replica(index)?
-                .items()
-                .map_err(|e| self.engine(&format!("items of r{index}"), e))?;
+            let live = sim.live_items(index)?;
             if live.is_empty() {
-                let what = if kind == 1 { "update" } else { "delete" };
-                self.operations
-                    .push(format!("{what} at r{index}: no live key"));
-                return Ok(false);
+                let wanted = if kind == 1 {
+                    Wanted::Update
+                } else {
+                    Wanted::Delete
+                };
+                sim.no_live_key(index, wanted);
+                return Ok(());
             }
             let pick = self.rng.below(live.len());
             live.get(pick).map(|(key, _)| key.clone())
         };
         // Both picks are below their list's length by construction.
         let Some(key) = key else {
-            return Err(self.violation(
+            return Err(sim.violation(
                 ViolationKind::Engine,
                 format!("a key chosen at r{index} is out of range"),
             ));
         };
-        let knowledge = self.replica(index)?.knowledge();
-        let known_before = self.history.known(&knowledge, &key);
-        let (version, value) = if kind == 2 {
-            self.operations.push(format!("delete {key} at r{index}"));
-            let deleted = self
-                .replica(index)?
-                .delete(&key)
-                .map_err(|e| self.engine(&format!("delete {key} at r{index}"), e))?;
-            match deleted {
-                Some(version) => (version, None),
-                None => {
-                    return Err(self.violation(
-                        ViolationKind::Engine,
-                        format!("r{index} listed {key} as live but the delete found nothing"),
-                    ))
-                }
+        if kind == 2 {
+            if !sim.delete(index, &key)? {
+                return Err(sim.violation(
+                    ViolationKind::Engine,
+                    format!("r{index} listed {key} as live but the delete found nothing"),
+                ));
             }
         } else {
             self.next_value += 1;
             let value = format!("v{}", self.next_value).into_bytes();
-            self.operations.push(format!(
-                "put {key}={} at r{index}",
-                String::from_utf8_lossy(&value)
-            ));
-            let version = self
-                .replica(index)?
-                .put(&key, &value)
-                .map_err(|e| self.engine(&format!("put {key} at r{index}"), e))?;
-            (version, Some(value))
+            sim.put(index, &key, value, kind == 1)?;
+        }
+        Ok(())
+    }
+}
+
+/// The executor: the replicas of one run, the checks and the figures. It performs
+/// operations, whoever chose them, and writes each into `trace`.
+pub(crate) struct Sim<'a> {
+    name: String,
+    seed: u64,
+    /// The replicas that take part, by their place in the scenario, ascending. Messages
+    /// and the trace name replicas by place.
+    places: Vec<usize>,
+    clock: Arc<SimClock>,
+    factory: &'a mut dyn ReplicaFactory,
+    /// The edges of the topology (phase) in force, for the figures.
+    edges: Vec<(usize, usize)>,
+    /// Downed edges and the step at which each heals.
+    down_until: BTreeMap<(usize, usize), u64>,
+    history: History,
+    phase: Phase,
+    step: u64,
+    /// What the current step has done so far, for a violation's reproduction.
+    operations: Vec<String>,
+    /// Every operation performed so far in the workload, then the convergence.
+    pub(crate) trace: Vec<TraceOp>,
+    /// The figures of the workload steps done.
+    steps: Vec<StepMetrics>,
+    /// The figures of the step under way; `None` before the first and after the last.
+    current: Option<StepMetrics>,
+    /// The full-mesh rounds, once the convergence ran, and how many moved changes.
+    convergence: Vec<StepMetrics>,
+    rounds_to_converge: u64,
+    /// By place. `None` for a place that takes no part, and only while a replica is
+    /// closed for a reopen or lent to a session for one that does.
+    replicas: Vec<Option<Box<dyn SimReplica>>>,
+    /// Each place's folder: its first one, or the crash image of its last kill.
+    paths: Vec<PathBuf>,
+    /// Kills so far, to name crash images.
+    kills: u64,
+    /// Declared after `replicas`, so the replicas (and their sled locks) are dropped
+    /// before the folder is removed.
+    folder: SimFolder,
+}
+
+impl<'a> Sim<'a> {
+    /// Creates the replicas at `places` (ascending), in order, in `folder`.
+    fn new(
+        name: &str,
+        seed: u64,
+        places: &[usize],
+        keys: &[ItemId],
+        factory: &'a mut dyn ReplicaFactory,
+        folder: SimFolder,
+    ) -> Result<Self, SimError> {
+        let size = places.iter().max().map_or(0, |p| p + 1);
+        let mut sim = Self {
+            name: name.to_string(),
+            seed,
+            places: places.to_vec(),
+            clock: Arc::new(SimClock::starting_at(CLOCK_START_MS)),
+            factory,
+            history: History::new(keys),
+            edges: Vec::new(),
+            down_until: BTreeMap::new(),
+            phase: Phase::Workload,
+            step: 0,
+            operations: Vec::new(),
+            trace: Vec::new(),
+            steps: Vec::new(),
+            current: None,
+            convergence: Vec::new(),
+            rounds_to_converge: 0,
+            replicas: (0..size).map(|_| None).collect(),
+            paths: (0..size).map(|place| folder.replica(place)).collect(),
+            kills: 0,
+            folder,
+        };
+        for &index in places {
+            let clock: Arc<dyn Clock> = sim.clock.clone();
+            let path = sim.path(index)?;
+            let replica = sim.factory.create(index, &path, clock).map_err(|e| {
+                sim.violation(ViolationKind::Engine, format!("create r{index}: {e}"))
+            })?;
+            sim.history.name_replica(replica.replica_id(), index);
+            if let Some(slot) = sim.replicas.get_mut(index) {
+                *slot = Some(replica);
+            }
+        }
+        Ok(sim)
+    }
+
+    pub(crate) fn violation(&self, kind: ViolationKind, detail: String) -> SimError {
+        SimError::Violation(Box::new(Violation {
+            scenario: self.name.clone(),
+            seed: self.seed,
+            phase: self.phase,
+            step: self.step,
+            kind,
+            detail,
+            operations: self.operations.clone(),
+        }))
+    }
+
+    fn engine(&self, what: &str, e: impl std::fmt::Display) -> SimError {
+        self.violation(ViolationKind::Engine, format!("{what}: {e}"))
+    }
+
+    fn replica(&mut self, index: usize) -> Result<&mut (dyn SimReplica + 'static), SimError> {
+        // Always open outside `session` and `reopen`, which put it back, and for every
+        // place that takes part (a trace is checked first); the error is for a broken
+        // driver, and borrows only the fields it names.
+        let (scenario, seed, phase, step) = (&self.name, self.seed, self.phase, self.step);
+        self.replicas
+            .get_mut(index)
+            .and_then(|slot| slot.as_deref_mut())
+            .ok_or_else(|| {
+                SimError::Violation(Box::new(Violation {
+                    scenario: scenario.clone(),
+                    seed,
+                    phase,
+                    step,
+                    kind: ViolationKind::Engine,
+                    detail: format!("r{index} is not open"),
+                    operations: Vec::new(),
+                }))
+            })
+    }
+
+    /// The report of a run that passed every check.
+    pub(crate) fn report(&mut self) -> SimReport {
+        SimReport {
+            scenario: self.name.clone(),
+            seed: self.seed,
+            replicas: u64::try_from(self.places.len()).unwrap_or(u64::MAX),
+            steps: std::mem::take(&mut self.steps),
+            convergence: std::mem::take(&mut self.convergence),
+            rounds_to_converge: self.rounds_to_converge,
+            versions_made: u64::try_from(self.history.versions_made()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Ends the step under way, if any, and begins workload step `step`: the clock
+    /// moves `advance_ms` on.
+    pub(crate) fn begin_step(&mut self, step: u64, advance_ms: u64) -> Result<(), SimError> {
+        self.finish_step()?;
+        self.trace.push(TraceOp::Step { step, advance_ms });
+        self.phase = Phase::Workload;
+        self.step = step;
+        self.operations.clear();
+        self.clock.advance(advance_ms);
+        self.current = Some(StepMetrics {
+            step,
+            ..StepMetrics::default()
+        });
+        Ok(())
+    }
+
+    /// The figures of the step under way; an operation before any step opens one of
+    /// its own (a replay of a trace that does not begin with a step).
+    fn metrics(&mut self) -> &mut StepMetrics {
+        let step = self.step;
+        self.current.get_or_insert_with(|| StepMetrics {
+            step,
+            ..StepMetrics::default()
+        })
+    }
+
+    /// Ends the step under way: the soundness check at every replica, then its figures.
+    pub(crate) fn finish_step(&mut self) -> Result<(), SimError> {
+        let Some(mut metrics) = self.current.take() else {
+            return Ok(());
+        };
+        self.check_all(&mut metrics)?;
+        metrics.edges = u64::try_from(self.edges.len()).unwrap_or(u64::MAX);
+        metrics.edges_down = u64::try_from(self.down_until.len()).unwrap_or(u64::MAX);
+        self.steps.push(metrics);
+        Ok(())
+    }
+
+    /// The edges of topology phase `phase` are in force; a partition of an edge the
+    /// phase lacks is dropped with the edge.
+    pub(crate) fn set_topology(
+        &mut self,
+        phase: usize,
+        description: String,
+        edges: Vec<(usize, usize)>,
+    ) {
+        self.down_until.retain(|edge, _| edges.contains(edge));
+        self.operations.push(format!(
+            "topology phase {phase}: {description}, {} edges",
+            edges.len()
+        ));
+        self.edges.clone_from(&edges);
+        self.metrics().topology_changes += 1;
+        self.trace.push(TraceOp::Topology {
+            phase,
+            description,
+            edges,
+        });
+    }
+
+    pub(crate) fn heal(&mut self, a: usize, b: usize) {
+        self.trace.push(TraceOp::Heal { a, b });
+        self.down_until.remove(&(a, b));
+        self.operations.push(format!("heal r{a}–r{b}"));
+    }
+
+    pub(crate) fn partition(&mut self, a: usize, b: usize, until_step: u64) {
+        self.trace.push(TraceOp::Partition { a, b, until_step });
+        self.down_until.insert((a, b), until_step);
+        self.operations
+            .push(format!("partition r{a}–r{b} until step {until_step}"));
+    }
+
+    pub(crate) fn up_edges(&self) -> Vec<(usize, usize)> {
+        self.edges
+            .iter()
+            .filter(|e| !self.down_until.contains_key(e))
+            .copied()
+            .collect()
+    }
+
+    /// The live items of replica `index`, in id order.
+    pub(crate) fn live_items(&mut self, index: usize) -> Result<Vec<(ItemId, Vec<u8>)>, SimError> {
+        self.replica(index)?
+            .items()
+            .map_err(|e| self.engine(&format!("items of r{index}"), e))
+    }
+
+    pub(crate) fn no_live_key(&mut self, index: usize, wanted: Wanted) {
+        self.trace.push(TraceOp::NoLiveKey {
+            replica: index,
+            wanted,
+        });
+        let what = match wanted {
+            Wanted::Update => "update",
+            Wanted::Delete => "delete",
+        };
+        self.operations
+            .push(format!("{what} at r{index}: no live key"));
+    }
+
+    /// A local put of `key` at replica `index` (an update: the key was live when
+    /// chosen), checked against the history.
+    pub(crate) fn put(
+        &mut self,
+        index: usize,
+        key: &ItemId,
+        value: Vec<u8>,
+        update: bool,
+    ) -> Result<(), SimError> {
+        let shown = String::from_utf8_lossy(&value).into_owned();
+        self.trace.push(if update {
+            TraceOp::Update {
+                replica: index,
+                key: key.to_string(),
+                value: shown.clone(),
+            }
+        } else {
+            TraceOp::Put {
+                replica: index,
+                key: key.to_string(),
+                value: shown.clone(),
+            }
+        });
+        let knowledge = self.replica(index)?.knowledge();
+        let known_before = self.history.known(&knowledge, key);
+        self.operations
+            .push(format!("put {key}={shown} at r{index}"));
+        let version = self
+            .replica(index)?
+            .put(key, &value)
+            .map_err(|e| self.engine(&format!("put {key} at r{index}"), e))?;
+        self.history
+            .record_local(key, version, known_before, Some(value))
+            .map_err(|detail| self.violation(ViolationKind::Unsound, detail))?;
+        self.metrics().operations += 1;
+        Ok(())
+    }
+
+    /// A local delete of `key` at replica `index`; false when the key was not live
+    /// there (nothing happened).
+    pub(crate) fn delete(&mut self, index: usize, key: &ItemId) -> Result<bool, SimError> {
+        self.trace.push(TraceOp::Delete {
+            replica: index,
+            key: key.to_string(),
+        });
+        let knowledge = self.replica(index)?.knowledge();
+        let known_before = self.history.known(&knowledge, key);
+        self.operations.push(format!("delete {key} at r{index}"));
+        let deleted = self
+            .replica(index)?
+            .delete(key)
+            .map_err(|e| self.engine(&format!("delete {key} at r{index}"), e))?;
+        let Some(version) = deleted else {
+            return Ok(false);
         };
         self.history
-            .record_local(&key, version, known_before, value)
+            .record_local(key, version, known_before, None)
             .map_err(|detail| self.violation(ViolationKind::Unsound, detail))?;
+        self.metrics().operations += 1;
         Ok(true)
+    }
+
+    /// Tombstone cleanup at replica `index`.
+    pub(crate) fn gc(&mut self, index: usize, older_than_ms: u64) -> Result<(), SimError> {
+        self.trace.push(TraceOp::Gc {
+            replica: index,
+            older_than_ms,
+        });
+        self.operations
+            .push(format!("gc r{index} older than {older_than_ms} ms"));
+        let report = self
+            .replica(index)?
+            .collect_garbage(older_than_ms)
+            .map_err(|e| self.engine(&format!("gc r{index}"), e))?;
+        self.metrics().tombstones_removed += report.tombstones_removed;
+        Ok(())
     }
 
     /// Closes replica `index` (drops it: sled flushes and releases the folder) and
     /// opens it again.
-    fn reopen(&mut self, index: usize) -> Result<(), SimError> {
+    pub(crate) fn reopen(&mut self, index: usize) -> Result<(), SimError> {
+        self.trace.push(TraceOp::Reopen { replica: index });
         self.operations.push(format!("reopen r{index}"));
         if let Some(slot) = self.replicas.get_mut(index) {
             drop(slot.take());
         }
-        self.open(index)
+        self.open(index)?;
+        self.metrics().reopened += 1;
+        Ok(())
+    }
+
+    /// A workload session `source → destination` whose link follows `plan`.
+    pub(crate) fn sync(
+        &mut self,
+        source: usize,
+        destination: usize,
+        batch_size: usize,
+        policy: PolicyChoice,
+        cancel_after_first_batch: bool,
+        plan: LinkPlan,
+    ) -> Result<(), SimError> {
+        let (stats, link) = self.session(
+            source,
+            destination,
+            batch_size,
+            policy,
+            cancel_after_first_batch,
+            plan,
+        )?;
+        self.metrics().add_session(&stats, &link);
+        Ok(())
     }
 
     /// Replica `index` was killed in the middle of a session: copies its folder as the
@@ -527,17 +757,32 @@ impl<'a> Sim<'a> {
         })
     }
 
-    /// One session `source → destination` with the scenario's policy and batch size,
-    /// through a link that injects the scenario's batch faults while the workload runs.
-    /// A destination killed mid-batch is reopened from its crash image; its session has
-    /// no statistics (the default is returned with the tally saying so).
+    /// One session `source → destination` with `policy` and `batch_size`, through a
+    /// link whose faults follow `plan`. A workload session goes into the trace with the
+    /// faults its link injected (even when a check then fails), a convergence session
+    /// does not (the convergence is one operation). A destination killed mid-batch is
+    /// reopened from its crash image; its session has no statistics (the default is
+    /// returned with the tally saying so).
     fn session(
         &mut self,
         source: usize,
         destination: usize,
+        batch_size: usize,
+        policy: PolicyChoice,
         cancel_after_first_batch: bool,
+        plan: LinkPlan,
     ) -> Result<(SessionStats, LinkTally), SimError> {
-        let batch_size = self.scenario.batch_size;
+        let traced = (self.phase == Phase::Workload).then(|| {
+            self.trace.push(TraceOp::Sync {
+                source,
+                destination,
+                batch_size,
+                policy,
+                cancel_after_first_batch,
+                faults: Vec::new(),
+            });
+            self.trace.len() - 1
+        });
         self.operations.push(format!(
             "sync r{source}→r{destination} batch {batch_size}{}",
             if cancel_after_first_batch {
@@ -546,15 +791,11 @@ impl<'a> Sim<'a> {
                 ""
             }
         ));
-        let faults = &self.scenario.faults;
-        // Drawn only when a batch fault is set, so other scenarios keep their schedule.
-        let link_faults = (self.phase == Phase::Workload && faults.touch_batches())
-            .then(|| (LinkFaults::of(faults), SimRng::new(self.rng.next_u64())));
         let source_metas = self.snapshot(source)?.metas;
         let before = self.snapshot(destination)?;
         let destination_id = self.replica(destination)?.replica_id();
         let options = SessionOptions {
-            policy: self.scenario.policy.conflict_policy(),
+            policy: policy.conflict_policy(),
             batch_size,
             ..SessionOptions::default()
         };
@@ -565,26 +806,29 @@ impl<'a> Sim<'a> {
         ) {
             (Some(src), Some(dst)) => {
                 let clock: &dyn Clock = &*self.clock;
-                let mut link = Link::new(&mut **dst, destination, link_faults);
+                let mut link = Link::new(&mut **dst, destination, plan);
                 let result = if cancel_after_first_batch {
                     let mut observer = CancelAfterFirstBatch(options.cancel.clone());
                     run_session(&mut **src, &mut link, &options, &mut observer, clock)
                 } else {
                     run_session(&mut **src, &mut link, &options, &mut NoObserver, clock)
                 };
-                Some((result, link.tally, link.log, link.trouble))
+                Some((result, link.tally, link.log, link.trouble, link.injected))
             }
             _ => None,
         };
         if let Some(slot) = self.replicas.get_mut(source) {
             *slot = lent;
         }
-        let Some((result, tally, log, trouble)) = result else {
+        let Some((result, tally, log, trouble, injected)) = result else {
             return Err(self.violation(
                 ViolationKind::Engine,
                 format!("r{source} or r{destination} is not open"),
             ));
         };
+        if let Some(TraceOp::Sync { faults, .. }) = traced.and_then(|at| self.trace.get_mut(at)) {
+            *faults = injected;
+        }
         self.operations.extend(log);
         if let Some((kind, detail)) = trouble {
             return Err(self.violation(kind, detail));
@@ -629,7 +873,7 @@ impl<'a> Sim<'a> {
                 &source_metas,
                 &before,
                 &after,
-                self.scenario.policy.keeps_versions(),
+                policy.keeps_versions(),
             )
             .map_err(|detail| self.violation(ViolationKind::Unsound, detail))?;
         Ok((stats, tally))
@@ -642,7 +886,7 @@ impl<'a> Sim<'a> {
         metrics.knowledge_bytes_max = 0;
         metrics.tombstones = 0;
         let mut knowledge_bytes_total = 0u64;
-        for index in 0..self.scenario.replicas {
+        for index in self.places.clone() {
             let snapshot = self.snapshot(index)?;
             self.history
                 .check(index, &snapshot)
@@ -660,32 +904,54 @@ impl<'a> Sim<'a> {
                     .unwrap_or(u64::MAX);
         }
         metrics.knowledge_bytes_mean =
-            knowledge_bytes_total / u64::try_from(self.scenario.replicas.max(1)).unwrap_or(1);
+            knowledge_bytes_total / u64::try_from(self.places.len().max(1)).unwrap_or(1);
         Ok(())
     }
 
-    /// Faults stop; every ordered pair syncs, round after round, until a round sends
-    /// nothing. Returns each round's metrics and the rounds that still moved changes.
-    fn converge(&mut self) -> Result<(Vec<StepMetrics>, u64), SimError> {
+    /// Ends the last workload step; then faults stop, every ordered pair syncs, round
+    /// after round (each moves the clock `advance_ms` on), until a round sends nothing;
+    /// then the final checks. Keeps each round's figures and the rounds that still
+    /// moved changes.
+    pub(crate) fn converge(
+        &mut self,
+        rounds_max: u64,
+        advance_ms: u64,
+        batch_size: usize,
+        policy: PolicyChoice,
+    ) -> Result<(), SimError> {
+        self.finish_step()?;
+        self.trace.push(TraceOp::Converge {
+            rounds_max,
+            advance_ms,
+            batch_size,
+            policy,
+        });
         self.phase = Phase::Convergence;
         self.down_until.clear();
-        let replicas = u64::try_from(self.scenario.replicas).unwrap_or(u64::MAX);
-        let mut rounds = Vec::new();
-        for round in 0..self.scenario.converge_rounds_max {
+        let replicas = u64::try_from(self.places.len()).unwrap_or(u64::MAX);
+        let places = self.places.clone();
+        for round in 0..rounds_max {
             self.step = round;
             self.operations.clear();
-            self.clock.advance(self.scenario.step_ms);
+            self.clock.advance(advance_ms);
             let mut metrics = StepMetrics {
                 step: round,
                 edges: replicas * replicas.saturating_sub(1) / 2,
                 ..StepMetrics::default()
             };
-            for source in 0..self.scenario.replicas {
-                for destination in 0..self.scenario.replicas {
+            for &source in &places {
+                for &destination in &places {
                     if source == destination {
                         continue;
                     }
-                    let (stats, link) = self.session(source, destination, false)?;
+                    let (stats, link) = self.session(
+                        source,
+                        destination,
+                        batch_size,
+                        policy,
+                        false,
+                        LinkPlan::Forward,
+                    )?;
                     metrics.add_session(&stats, &link);
                     // Only the destination's state changed.
                     let snapshot = self.snapshot(destination)?;
@@ -696,17 +962,15 @@ impl<'a> Sim<'a> {
             }
             self.check_all(&mut metrics)?;
             let quiet = metrics.changes_sent == 0;
-            rounds.push(metrics);
+            self.convergence.push(metrics);
             if quiet {
-                return Ok((rounds, round));
+                self.rounds_to_converge = round;
+                return self.final_checks();
             }
         }
         Err(self.violation(
             ViolationKind::NotConverged,
-            format!(
-                "the full mesh still moved changes after {} rounds",
-                self.scenario.converge_rounds_max
-            ),
+            format!("the full mesh still moved changes after {rounds_max} rounds"),
         ))
     }
 
@@ -718,7 +982,7 @@ impl<'a> Sim<'a> {
         self.operations.clear();
         let mut items = Vec::new();
         let mut knowledges: Vec<Knowledge> = Vec::new();
-        for index in 0..self.scenario.replicas {
+        for index in self.places.clone() {
             let replica = self.replica(index)?;
             knowledges.push(replica.knowledge());
             let live = replica
@@ -726,10 +990,10 @@ impl<'a> Sim<'a> {
                 .map_err(|e| self.engine(&format!("items of r{index}"), e))?;
             items.push(live.into_iter().collect::<BTreeMap<ItemId, Vec<u8>>>());
         }
-        let Some(reference) = items.first() else {
+        let (Some(reference), Some(&first)) = (items.first(), self.places.first()) else {
             return Ok(());
         };
-        for (index, held) in items.iter().enumerate() {
+        for (&index, held) in self.places.iter().zip(&items) {
             if held != reference {
                 let keys: BTreeSet<&ItemId> = held.keys().chain(reference.keys()).collect();
                 let differing: Vec<String> = keys
@@ -737,7 +1001,7 @@ impl<'a> Sim<'a> {
                     .filter(|k| held.get(*k) != reference.get(*k))
                     .map(|k| {
                         format!(
-                            "{k}: r0 {} r{index} {}",
+                            "{k}: r{first} {} r{index} {}",
                             super::history::show_value(reference.get(k).map(Vec::as_slice)),
                             super::history::show_value(held.get(k).map(Vec::as_slice))
                         )
@@ -745,12 +1009,12 @@ impl<'a> Sim<'a> {
                     .collect();
                 return Err(self.violation(
                     ViolationKind::Diverged,
-                    format!("r{index} differs from r0: {}", differing.join(", ")),
+                    format!("r{index} differs from r{first}: {}", differing.join(", ")),
                 ));
             }
         }
-        for (a, ka) in knowledges.iter().enumerate() {
-            for (b, kb) in knowledges.iter().enumerate() {
+        for (a, ka) in self.places.iter().zip(&knowledges) {
+            for (b, kb) in self.places.iter().zip(&knowledges) {
                 if !ka.contains_knowledge(kb) {
                     return Err(self.violation(
                         ViolationKind::Diverged,
@@ -763,4 +1027,142 @@ impl<'a> Sim<'a> {
             .check_causal_order(reference)
             .map_err(|detail| self.violation(ViolationKind::LostUpdate, detail))
     }
+}
+
+/// Replays `trace` over the real engine (sled replicas in a temporary folder that is
+/// removed afterwards): the same operations, checks and figures as the run it was
+/// recorded from, without drawing anything.
+pub fn replay(trace: &Trace) -> Result<SimReport, SimError> {
+    replay_with(trace, &mut SledReplicas)
+}
+
+/// Replays `trace` over the replicas `factory` makes (each at its place in the
+/// scenario, as the seeded run made them).
+pub fn replay_with(trace: &Trace, factory: &mut dyn ReplicaFactory) -> Result<SimReport, SimError> {
+    replay_counted(trace, factory).0
+}
+
+/// A replay, and how many of the trace's operations it began: a violation stops the
+/// replay in the operation it began last (or in the check that operation's step
+/// boundary ran), so the operations after it cannot matter.
+pub(crate) fn replay_counted(
+    trace: &Trace,
+    factory: &mut dyn ReplicaFactory,
+) -> (Result<SimReport, SimError>, usize) {
+    let mut begun = 0;
+    let result = (|| -> Result<SimReport, SimError> {
+        trace.check()?;
+        let mut keys = BTreeMap::new();
+        let mut key_list = Vec::new();
+        for name in &trace.keys {
+            // `check` made sure every key is a valid id.
+            let id = ItemId::new(name.as_bytes()).map_err(|e| {
+                SimError::Trace(super::TraceError::Invalid {
+                    file: format!("trace of {:?}", trace.scenario),
+                    field: "keys".into(),
+                    reason: e.to_string(),
+                })
+            })?;
+            keys.insert(name.as_str(), id.clone());
+            key_list.push(id);
+        }
+        let folder = SimFolder::new(trace.seed)?;
+        let mut sim = Sim::new(
+            &trace.scenario,
+            trace.seed,
+            &trace.replicas,
+            &key_list,
+            factory,
+            folder,
+        )?;
+        for op in &trace.operations {
+            begun += 1;
+            replay_op(&mut sim, op, &keys)?;
+        }
+        sim.finish_step()?;
+        Ok(sim.report())
+    })();
+    (result, begun)
+}
+
+/// Performs one operation of a trace.
+fn replay_op(
+    sim: &mut Sim<'_>,
+    op: &TraceOp,
+    keys: &BTreeMap<&str, ItemId>,
+) -> Result<(), SimError> {
+    let key = |sim: &Sim<'_>, name: &str| {
+        keys.get(name).cloned().ok_or_else(|| {
+            sim.violation(
+                ViolationKind::Engine,
+                format!("{name:?} is not among the trace's keys"),
+            )
+        })
+    };
+    match op {
+        TraceOp::Step { step, advance_ms } => sim.begin_step(*step, *advance_ms)?,
+        TraceOp::Topology {
+            phase,
+            description,
+            edges,
+        } => sim.set_topology(*phase, description.clone(), edges.clone()),
+        TraceOp::Partition { a, b, until_step } => sim.partition(*a, *b, *until_step),
+        TraceOp::Heal { a, b } => sim.heal(*a, *b),
+        TraceOp::Put {
+            replica,
+            key: name,
+            value,
+        } => {
+            let id = key(sim, name)?;
+            sim.put(*replica, &id, value.clone().into_bytes(), false)?;
+        }
+        TraceOp::Update {
+            replica,
+            key: name,
+            value,
+        } => {
+            let id = key(sim, name)?;
+            sim.put(*replica, &id, value.clone().into_bytes(), true)?;
+        }
+        TraceOp::Delete { replica, key: name } => {
+            let id = key(sim, name)?;
+            // A delete of a key no longer live (a shrunk trace) does nothing.
+            sim.delete(*replica, &id)?;
+        }
+        TraceOp::NoLiveKey { replica, wanted } => sim.no_live_key(*replica, *wanted),
+        TraceOp::Gc {
+            replica,
+            older_than_ms,
+        } => sim.gc(*replica, *older_than_ms)?,
+        TraceOp::Reopen { replica } => sim.reopen(*replica)?,
+        TraceOp::Sync {
+            source,
+            destination,
+            batch_size,
+            policy,
+            cancel_after_first_batch,
+            faults,
+        } => {
+            let plan = if faults.is_empty() {
+                LinkPlan::Forward
+            } else {
+                LinkPlan::Scripted(faults.clone())
+            };
+            sim.sync(
+                *source,
+                *destination,
+                *batch_size,
+                *policy,
+                *cancel_after_first_batch,
+                plan,
+            )?;
+        }
+        TraceOp::Converge {
+            rounds_max,
+            advance_ms,
+            batch_size,
+            policy,
+        } => sim.converge(*rounds_max, *advance_ms, *batch_size, *policy)?,
+    }
+    Ok(())
 }

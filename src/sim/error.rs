@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::ScenarioError;
+use super::{ScenarioError, TraceError};
 
 /// Which part of a run a violation happened in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -84,4 +84,19 @@ pub enum SimError {
     },
     #[error(transparent)]
     Violation(Box<Violation>),
+    /// A trace that cannot be replayed.
+    #[error(transparent)]
+    Trace(#[from] TraceError),
+    /// A trace handed to the shrinker did not show the violation it was to keep: a
+    /// replay that differs from its run, which is a bug of the simulator.
+    #[error(
+        "the trace of scenario {scenario:?}, seed {seed}, did not show a {kind:?} violation \
+         when replayed: {outcome}"
+    )]
+    NotReproduced {
+        scenario: String,
+        seed: u64,
+        kind: ViolationKind,
+        outcome: String,
+    },
 }

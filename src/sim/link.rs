@@ -2,9 +2,13 @@
 //! duplicates a batch, and a destination process killed while it applies one.
 //!
 //! Invariants:
-//! - Every choice comes from the link's own seeded stream, which the driver draws from
-//!   the run's stream once per session and only when the scenario has a batch fault, so
-//!   scenarios without one keep their schedules (and old seeds their runs).
+//! - Under a seeded schedule, every choice comes from the link's own seeded stream,
+//!   which the driver draws from the run's stream once per session and only when the
+//!   scenario has a batch fault, so scenarios without one keep their schedules (and old
+//!   seeds their runs). Under a replay, the faults come from the trace, by batch number,
+//!   and nothing is drawn.
+//! - Every fault injected is written down ([`Link::injected`]) as the trace records it,
+//!   so replaying the trace injects the same faults into the same batches.
 //! - Once the destination is killed, nothing reaches its replica any more: neither the
 //!   end of the session nor another batch. The driver then reopens it from what its
 //!   folder held at the kill.
@@ -24,7 +28,7 @@ use crate::sync::{
 };
 
 use super::report::LinkTally;
-use super::{Faults, SimReplica, SimRng, ViolationKind};
+use super::{BatchFault, Faults, SimReplica, SimRng, ViolationKind};
 
 /// The per-batch chances of a session's faults.
 #[derive(Clone, Copy, Debug)]
@@ -44,13 +48,35 @@ impl LinkFaults {
     }
 }
 
+/// Where a link's faults come from.
+pub(crate) enum LinkPlan {
+    /// No faults: the link only forwards.
+    Forward,
+    /// Chances per batch, drawn from the link's own stream.
+    Seeded(LinkFaults, SimRng),
+    /// The faults a trace recorded, by batch number, in batch order.
+    Scripted(Vec<BatchFault>),
+}
+
+/// What happens to one batch.
+enum Fate {
+    Delivered,
+    /// Killed before change `Some(n)` of the batch, or after its commit (`None`).
+    Killed(Option<usize>),
+    Lost,
+    /// Delivered twice: at once, or (`true`) after the next batch.
+    Duplicated(bool),
+}
+
 /// The destination of one session, as the source reaches it. Without faults it only
 /// forwards.
 pub(crate) struct Link<'r> {
     replica: &'r mut dyn SimReplica,
     /// The destination's place in the scenario, for the log.
     index: usize,
-    faults: Option<(LinkFaults, SimRng)>,
+    plan: LinkPlan,
+    /// The faults injected so far, for the trace.
+    pub(crate) injected: Vec<BatchFault>,
     /// Batches the source has sent so far.
     batches: u64,
     /// A copy of a batch to deliver again after the next one, and its number.
@@ -72,17 +98,13 @@ struct Observed {
 }
 
 impl<'r> Link<'r> {
-    /// A link to `replica` (replica `index` of the scenario); `faults` with the link's
-    /// own stream, or `None` for a link that only forwards.
-    pub(crate) fn new(
-        replica: &'r mut dyn SimReplica,
-        index: usize,
-        faults: Option<(LinkFaults, SimRng)>,
-    ) -> Self {
+    /// A link to `replica` (replica `index` of the scenario) whose faults follow `plan`.
+    pub(crate) fn new(replica: &'r mut dyn SimReplica, index: usize, plan: LinkPlan) -> Self {
         Self {
             replica,
             index,
-            faults,
+            plan,
+            injected: Vec::new(),
             batches: 0,
             late_copy: None,
             tally: LinkTally::default(),
@@ -91,16 +113,38 @@ impl<'r> Link<'r> {
         }
     }
 
-    /// True with chance `rate`; draws only when the rate is above 0.
-    fn chance(&mut self, rate: fn(&LinkFaults) -> f64) -> bool {
-        match &mut self.faults {
-            Some((faults, rng)) if rate(faults) > 0.0 => rng.chance(rate(faults)),
-            _ => false,
+    /// What happens to batch `number` of `changes` changes. A seeded plan draws in a
+    /// fixed order (kill, then loss, then duplication, each only when its rate is above
+    /// 0), which old seeds rely on.
+    fn fate(&mut self, number: u64, changes: usize, last: bool) -> Fate {
+        match &mut self.plan {
+            LinkPlan::Forward => Fate::Delivered,
+            LinkPlan::Seeded(faults, rng) => {
+                // True with chance `rate`; draws only when the rate is above 0.
+                fn chance(rng: &mut SimRng, rate: f64) -> bool {
+                    rate > 0.0 && rng.chance(rate)
+                }
+                if chance(rng, faults.crash_rate) {
+                    // Points 0..changes fall before the commit; `changes` is just after it.
+                    let point = rng.below(changes + 1);
+                    Fate::Killed((point < changes).then_some(point))
+                } else if chance(rng, faults.lose_rate) {
+                    Fate::Lost
+                } else if chance(rng, faults.duplicate_rate) {
+                    // The last batch has no next one to arrive after.
+                    Fate::Duplicated(!last && rng.below(2) == 1)
+                } else {
+                    Fate::Delivered
+                }
+            }
+            LinkPlan::Scripted(faults) => match faults.iter().find(|f| f.batch() == number) {
+                None => Fate::Delivered,
+                Some(BatchFault::Lost { .. }) => Fate::Lost,
+                Some(BatchFault::Killed { at_change, .. }) => Fate::Killed(*at_change),
+                // A replayed batch that is now the last has no next one to arrive after.
+                Some(BatchFault::Duplicated { late, .. }) => Fate::Duplicated(*late && !last),
+            },
         }
-    }
-
-    fn below(&mut self, bound: usize) -> usize {
-        self.faults.as_mut().map_or(0, |(_, rng)| rng.below(bound))
     }
 
     /// What a killed process answers: nothing. The closest the engine has is a store
@@ -219,14 +263,20 @@ impl ChangeDestination for Link<'_> {
         let number = self.batches;
         let changes = batch.change_count();
         let destination = self.index;
-        if self.chance(|f| f.crash_rate) {
-            // Points 0..changes fall before the commit; `changes` is just after it.
-            let point = self.below(changes + 1);
-            let when = if point < changes {
-                format!("at change {point} of {changes}, before its commit: the batch is lost")
-            } else {
-                self.replica.process_batch(batch, policy, observer)?;
-                format!("after its commit ({changes} changes), before the acknowledgement")
+        let fate = self.fate(number, changes, batch.is_last());
+        if let Fate::Killed(point) = fate {
+            self.injected.push(BatchFault::Killed {
+                batch: number,
+                at_change: point,
+            });
+            let when = match point {
+                Some(point) => {
+                    format!("at change {point} of {changes}, before its commit: the batch is lost")
+                }
+                None => {
+                    self.replica.process_batch(batch, policy, observer)?;
+                    format!("after its commit ({changes} changes), before the acknowledgement")
+                }
             };
             self.log.push(format!(
                 "r{destination} killed applying batch {number} {when}"
@@ -235,7 +285,8 @@ impl ChangeDestination for Link<'_> {
             self.late_copy = None;
             return Err(self.killed());
         }
-        if self.chance(|f| f.lose_rate) {
+        if let Fate::Lost = fate {
+            self.injected.push(BatchFault::Lost { batch: number });
             self.log.push(format!(
                 "batch {number} ({changes} changes) lost on its way to r{destination}"
             ));
@@ -243,12 +294,15 @@ impl ChangeDestination for Link<'_> {
             self.tally.changes_lost += u64::try_from(changes).unwrap_or(u64::MAX);
             return Ok(BatchOutcome::default());
         }
-        let copy = if self.chance(|f| f.duplicate_rate) {
-            // The last batch has no next one to arrive after.
-            let late = !batch.is_last() && self.below(2) == 1;
-            Some((late, batch.clone()))
-        } else {
-            None
+        let copy = match fate {
+            Fate::Duplicated(late) => {
+                self.injected.push(BatchFault::Duplicated {
+                    batch: number,
+                    late,
+                });
+                Some((late, batch.clone()))
+            }
+            _ => None,
         };
         let late_copy = self.late_copy.take();
         let outcome = self.replica.process_batch(batch, policy, observer)?;

@@ -21,6 +21,11 @@
 //!   knowledge containing every other, and every key changed only in causal order ends
 //!   as its last operation left it. Anything else is a [`Violation`] carrying the seed,
 //!   the step and the operations of that step.
+//! - A run is also a [`Trace`]: the operations the driver performed, in order, as data
+//!   ([`simulate_traced`]). Replaying a trace ([`replay_with`]) performs them through
+//!   the same code and checks as the seeded run, so the full trace of a run gives the
+//!   same report or the same violation; [`shrink`] cuts a violating trace down to a
+//!   minimal one that still violates the same kind of check.
 //! - The simulator drives replicas only through [`SimReplica`], made by a
 //!   [`ReplicaFactory`], so a test can inject a faulty provider.
 //! - A killed replica is a crash of its metadata store, not a clean close: the batch it
@@ -47,13 +52,15 @@ mod plot;
 mod report;
 mod rng;
 mod scenario;
+mod shrink;
 #[cfg(feature = "proptest")]
 pub mod strategies;
+mod trace;
 
 use clock::SimClock;
 use rng::SimRng;
 
-pub use driver::{simulate, simulate_with};
+pub use driver::{replay, replay_with, simulate, simulate_traced, simulate_with, TracedRun};
 pub use error::{Phase, SimError, Violation, ViolationKind};
 pub use node::{ReplicaFactory, SimReplica, SledReplicas};
 pub use plot::{check_plot_path, plot_reports, MAX_PLOTTED_SEEDS};
@@ -61,4 +68,8 @@ pub use report::{ConflictTally, RunTotals, SimReport, StepMetrics};
 pub use scenario::{
     Faults, KeySpace, OperationMix, PolicyChoice, Scenario, ScenarioError, Topology, TopologyPhase,
     MAX_SIM_KEYS, MAX_SIM_REPLICAS, MAX_SIM_STEPS,
+};
+pub use shrink::{shrink, ShrinkOptions, Shrunk, SHRINK_REPLAYS_MAX};
+pub use trace::{
+    BatchFault, Trace, TraceError, TraceOp, Wanted, MAX_TRACE_OPERATIONS, TRACE_FORMAT,
 };

@@ -311,7 +311,7 @@ fn draw_legend(
 
 /// Writes `bytes` to a hidden sibling of `path`, then renames it over `path`, so a
 /// reader never sees half a file and a failed write leaves none behind.
-fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let name = path.file_name().ok_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file")
     })?;
