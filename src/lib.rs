@@ -56,6 +56,6 @@ pub use sync::{
     synchronize, BatchOutcome, BatchRequest, CancelToken, ChangeDestination, ChangeSource,
     Classification, Clock, Conflict, ConflictCounts, ConflictHandler, ConflictKind,
     ConflictOutcome, ConflictPolicy, Direction, Enumeration, ForgottenRecovery, ItemStore,
-    NoObserver, Peer, PeerInfo, Progress, Resolution, SessionOptions, SessionStats, SyncError,
-    SyncObserver, SyncProvider, SyncReport, SystemClock,
+    NoObserver, Peer, PeerInfo, Progress, Resolution, SessionOptions, SessionRole, SessionStats,
+    SyncError, SyncObserver, SyncProvider, SyncReport, SystemClock,
 };

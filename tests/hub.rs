@@ -618,8 +618,11 @@ fn metrics_count_sessions_changes_and_conflicts_in_prometheus_text() -> TestResu
     b.put(&id("k"), b"b")?;
     b.sync_with(&mut remote(&hub, ALICE)?, &both, &mut NoObserver)?;
     let text = reqwest::blocking::get(format!("http://{}/metrics", hub.addr()))?.text()?;
+    // Two upload-and-download syncs: four sessions at the hub (A's download carries
+    // nothing but still takes place), B's upload conflicting on k.
     for line in [
-        "knit_sessions_total{outcome=\"completed\"} 3",
+        "knit_sessions_total{outcome=\"begun\"} 4",
+        "knit_sessions_total{outcome=\"completed\"} 4",
         "knit_changes_total{direction=\"applied\"} 2",
         "knit_conflicts_total 1",
         "# TYPE knit_request_seconds histogram",

@@ -146,23 +146,42 @@ fn restored_copy_is_refused_until_rekeyed_and_then_loses_nothing() -> TestResult
     );
 
     // Either direction refuses, naming the way out, and changes nothing on either side.
+    // As the destination (begun first), the copy finds itself out: B knows a tick it
+    // has not issued. As the source, B finds it out first: the copy presents a session
+    // epoch below one B has seen from A.
     let (a_before, b_before) = (snapshot(&mut net, "A"), snapshot(&mut net, "B"));
-    let err = sync_both(&mut net, "A", "B").expect_err("a restored replica must not sync");
-    match &err {
-        SyncError::ReplicaRestored {
-            replica,
-            peer,
-            evidence,
-        } => {
-            assert_eq!((*replica, *peer), (a, b));
-            assert!(
-                evidence.contains("knows its tick 5 but the replica is at tick 4"),
-                "{evidence}"
-            );
+    for (direction, evidence_wanted) in [
+        (
+            Direction::Download,
+            "knows its tick 5 but the replica is at tick 4",
+        ),
+        (Direction::Upload, "has seen its session epoch"),
+    ] {
+        let mut l = net.replicas.remove("A").expect("A");
+        let result = {
+            let r = net.replicas.get_mut("B").expect("B");
+            l.sync_with(r, &options(direction), &mut NoObserver)
+        };
+        net.replicas.insert("A".to_string(), l);
+        let err = result.expect_err("a restored replica must not sync");
+        match &err {
+            SyncError::ReplicaRestored {
+                replica,
+                peer,
+                evidence,
+            } => {
+                assert_eq!((*replica, *peer), (a, b), "{direction:?}");
+                assert!(
+                    evidence.contains(evidence_wanted),
+                    "{direction:?}: {evidence}"
+                );
+            }
+            other => panic!("expected ReplicaRestored, got {other:?}"),
         }
-        other => panic!("expected ReplicaRestored, got {other:?}"),
+        assert!(err.to_string().contains("knit rekey"), "{err}");
     }
-    assert!(err.to_string().contains("knit rekey"), "{err}");
+    let err = sync_both(&mut net, "A", "B").expect_err("a restored replica must not sync");
+    assert!(matches!(err, SyncError::ReplicaRestored { .. }), "{err:?}");
     let err = net
         .sync_with("B", "A", &options(Direction::Upload), &mut NoObserver)
         .expect_err("a restored replica must not accept changes either");
@@ -259,12 +278,14 @@ fn restored_copy_with_changes_from_before_the_copy_converges_after_rekey() -> Te
 
     restore(&mut net, "A", &copy)?;
     assert_eq!(net.put("A", "r1", "made on the copy"), Version::new(a, 4));
+    // B, the upload's destination and so the first side to begin, sees the copy's
+    // session epoch go back.
     let err = sync_both(&mut net, "A", "B").expect_err("a restored replica must not sync");
     assert!(
         matches!(
             &err,
-            SyncError::ReplicaRestored { evidence, .. }
-                if evidence.contains("knows its tick 5 but the replica is at tick 4")
+            SyncError::ReplicaRestored { replica, evidence, .. }
+                if *replica == a && evidence.contains("has seen its session epoch")
         ),
         "{err:?}"
     );

@@ -387,7 +387,7 @@ fn a_bad_scenario_names_file_line_and_field() -> TestResult {
 
 /// How a faulty test replica lies when it applies a batch. A rewrite is told once per
 /// replica object (a reopened replica may lie once more).
-trait Lie {
+trait Lie: Send {
     /// The batch to pass to the honest replica instead, and how to adjust what it
     /// reports; `None` to apply `batch` honestly this time.
     fn rewrite(&mut self, _batch: &ChangeBatch) -> Option<Told> {
@@ -506,7 +506,7 @@ struct Faulty<L> {
     lied: bool,
 }
 
-impl<L> SyncProvider for Faulty<L> {
+impl<L: Send> SyncProvider for Faulty<L> {
     fn replica_id(&self) -> ReplicaId {
         self.inner.replica_id()
     }
@@ -524,7 +524,7 @@ impl<L> SyncProvider for Faulty<L> {
     }
 }
 
-impl<L> ChangeSource for Faulty<L> {
+impl<L: Send> ChangeSource for Faulty<L> {
     fn begin_sending(&mut self) -> Result<u64, SyncError> {
         self.inner.begin_sending()
     }

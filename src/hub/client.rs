@@ -21,7 +21,7 @@ use super::HubError;
 use crate::model::{ChangeBatch, Knowledge, ReplicaId};
 use crate::sync::{
     BatchOutcome, BatchRequest, ChangeDestination, ChangeSource, ConflictPolicy, PeerInfo,
-    SyncError, SyncObserver, SyncProvider,
+    SessionRole, SyncError, SyncObserver, SyncProvider,
 };
 
 /// A replica hosted by a hub, at `http://HOST:PORT/replicas/NAME`.
@@ -232,14 +232,29 @@ impl SyncProvider for RemoteReplica {
         self.info()
     }
 
-    /// The hub learns here which part it plays: a session's first peer call after
-    /// `begin_session` tells it (see `begin_as`). The orchestrator begins both sides
-    /// before it knows which one sends, so the role is fixed lazily.
+    /// Without its part (an orchestrator that calls this rather than
+    /// `begin_session_as`), the hub's side opens at the first call that shows it:
+    /// `begin_sending` as source, `note_peer_epoch` as destination.
     fn begin_session(&mut self, peer: &PeerInfo) -> Result<(), SyncError> {
         if self.session.is_some() {
             return Err(SyncError::ReplicaBusy { replica: self.id });
         }
         self.pending_peer = Some(peer.clone());
+        Ok(())
+    }
+
+    /// The orchestrator says which part the hub plays: its side opens at once, so a
+    /// busy hub answers before the local side has done anything.
+    fn begin_session_as(&mut self, peer: &PeerInfo, role: SessionRole) -> Result<(), SyncError> {
+        self.begin_session(peer)?;
+        let role = match role {
+            SessionRole::Source => Role::Source,
+            SessionRole::Destination => Role::Destination,
+        };
+        if let Err(e) = self.begin_as(role) {
+            self.pending_peer = None;
+            return Err(e);
+        }
         Ok(())
     }
 

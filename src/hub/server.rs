@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -51,6 +52,17 @@ pub(super) struct HubState {
 pub(super) struct Hosted {
     pub name: String,
     pub state: Mutex<HostedState>,
+    /// Whether a session is open, and when it last heard from its client: read without
+    /// the replica's lock, so a second client gets its 409 at once even while the
+    /// session's current call holds the replica.
+    session_open: AtomicBool,
+    last_seen_ms: AtomicU64,
+    /// The replica's info as of its last call (single-process storage only): `GET`
+    /// answers from it without waiting for the lock. Knowledge only grows and the
+    /// epoch is refreshed inside the call that raises it, so a client may see it a
+    /// call behind, never ahead: it then sends a change the hub already has, which
+    /// the applier skips as obsolete.
+    info: Mutex<Option<PeerInfo>>,
 }
 
 pub(super) struct HostedState {
@@ -111,6 +123,27 @@ impl Hosted {
     pub fn lock(&self) -> MutexGuard<'_, HostedState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn cached_info(&self) -> Option<PeerInfo> {
+        self.info.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn refresh_info(&self, replica: &mut Replica) {
+        let info = replica.fetch_info().ok();
+        *self.info.lock().unwrap_or_else(|p| p.into_inner()) = info;
+    }
+
+    fn mark_session(&self, open: bool) {
+        self.last_seen_ms.store(now_ms(), Ordering::SeqCst);
+        self.session_open.store(open, Ordering::SeqCst);
+    }
+
+    /// A session is open and has heard from its client within `timeout`.
+    fn busy(&self, timeout: Duration) -> bool {
+        self.session_open.load(Ordering::SeqCst)
+            && now_ms().saturating_sub(self.last_seen_ms.load(Ordering::SeqCst))
+                <= timeout.as_millis() as u64
+    }
 }
 
 impl HubState {
@@ -150,6 +183,11 @@ impl HubState {
                 name: name.clone(),
                 source,
             })?;
+            let mut replica = replica;
+            let info = match config.storage {
+                Storage::Sled => replica.fetch_info().ok(),
+                Storage::Postgres { .. } => None,
+            };
             replicas.insert(
                 name.clone(),
                 Arc::new(Hosted {
@@ -158,6 +196,9 @@ impl HubState {
                         replica,
                         slot: None,
                     }),
+                    session_open: AtomicBool::new(false),
+                    last_seen_ms: AtomicU64::new(0),
+                    info: Mutex::new(info),
                 }),
             );
         }
@@ -190,6 +231,7 @@ impl HubState {
         let Some(slot) = state.slot.take() else {
             return;
         };
+        hosted.mark_session(false);
         let ended = state.replica.end_session(completed);
         if let Err(e) = &ended {
             eprintln!("knit serve: replica {}: ending a session: {e}", hosted.name);
@@ -373,6 +415,18 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+fn busy(replica: &str, timeout: Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "busy",
+        format!(
+            "replica {replica} is in another session; retry after it ends or times out \
+             ({} s idle)",
+            timeout.as_secs()
+        ),
+    )
+}
+
 fn hosted(state: &HubState, name: &str) -> Result<Arc<Hosted>, ApiError> {
     state.replicas.get(name).cloned().ok_or_else(|| {
         ApiError::new(
@@ -409,7 +463,16 @@ async fn on_replica<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(move || {
         let mut state = hosted.lock();
-        f(&hosted, &mut state)
+        let result = f(&hosted, &mut state);
+        if hosted
+            .info
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            hosted.refresh_info(&mut state.replica);
+        }
+        result
     })
     .await
     .map_err(|e| ApiError::internal(format!("a request task failed: {e}")))?
@@ -453,6 +516,7 @@ fn session<'a>(
             return Err(gone());
         }
     }
+    hosted.mark_session(true);
     let HostedState { replica, slot } = state;
     let slot = slot.as_mut().ok_or_else(gone)?;
     if let Some(role) = role {
@@ -483,6 +547,9 @@ async fn info(
     let hosted = hosted(&hub, &name)?;
     if require(grant, &name, Role::Source).is_err() {
         require(grant, &name, Role::Destination)?;
+    }
+    if let Some(info) = hosted.cached_info() {
+        return Ok(binary(encode(&WireInfo::from_info(&info))));
     }
     let shared = hub.leases.is_some();
     let info = on_replica(hosted, move |hosted, state| {
@@ -526,6 +593,9 @@ async fn begin(
             ),
         ));
     }
+    if hosted.busy(hub.config.session_timeout) {
+        return Err(busy(&hosted.name, hub.config.session_timeout));
+    }
     let hub2 = Arc::clone(&hub);
     let session = on_replica(hosted, move |hosted, state| {
         if state
@@ -536,15 +606,7 @@ async fn begin(
             hub2.finish(hosted, state, false, "timed out");
         }
         if state.slot.is_some() {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "busy",
-                format!(
-                    "replica {} is in another session; retry after it ends or times out ({} s idle)",
-                    hosted.name,
-                    hub2.config.session_timeout.as_secs()
-                ),
-            ));
+            return Err(busy(&hosted.name, hub2.config.session_timeout));
         }
         let id = *uuid::Uuid::new_v4().as_bytes();
         if let Some(leases) = &hub2.leases {
@@ -589,6 +651,7 @@ async fn begin(
             changes: 0,
             conflicts: 0,
         });
+        hosted.mark_session(true);
         hub2.metrics.session_started();
         Ok(id)
     })

@@ -14,6 +14,12 @@
 //! - Data, metadata and learned knowledge of a batch go out in one commit; a cancelled
 //!   session keeps every committed batch and nothing else.
 //! - The sync layer never opens a sled tree: it goes through the metadata store.
+//! - The orchestrator begins the destination first, and the source cuts batch k + 1 on
+//!   a thread of its own while the destination applies batch k (providers are `Send`).
+//!   A batch cut ahead is applied only if the session is still going when its turn
+//!   comes; cutting changes nothing at the source, so dropping one is harmless. A
+//!   batch's `made_with` is read when it is cut, which is sound because nothing else
+//!   commits at the source during its session (one session per replica).
 
 mod applier;
 mod enumerator;
@@ -33,6 +39,7 @@ pub use policy::{
 };
 pub use provider::{
     BatchRequest, CancelToken, ChangeDestination, ChangeSource, Clock, Direction, ItemStore,
-    NoObserver, Peer, PeerInfo, SessionOptions, SyncObserver, SyncProvider, SystemClock,
+    NoObserver, Peer, PeerInfo, SessionOptions, SessionRole, SyncObserver, SyncProvider,
+    SystemClock,
 };
 pub use stats::{BatchOutcome, ConflictCounts, Progress, SessionStats, SyncReport};

@@ -3,9 +3,11 @@
 
 use super::{
     BatchRequest, ChangeDestination, ChangeSource, Clock, Direction, ForgottenRecovery, Peer,
-    Progress, SessionOptions, SessionStats, SyncError, SyncObserver, SyncReport,
+    Progress, SessionOptions, SessionRole, SessionStats, SyncError, SyncObserver, SyncReport,
 };
-use crate::model::{Knowledge, MAX_CHANGES_PER_BATCH};
+use std::sync::mpsc;
+
+use crate::model::{ChangeBatch, Knowledge, MAX_CHANGES_PER_BATCH};
 
 /// Syncs `local` with `remote` in the directions of `options`. A cancelled first
 /// direction skips the second.
@@ -51,7 +53,7 @@ pub fn run_session<S, D>(
     clock: &dyn Clock,
 ) -> Result<SessionStats, SyncError>
 where
-    S: ChangeSource + ?Sized,
+    S: ChangeSource + Send + ?Sized,
     D: ChangeDestination + ?Sized,
 {
     if options.batch_size == 0 || options.batch_size > MAX_CHANGES_PER_BATCH {
@@ -72,9 +74,11 @@ where
     };
     let source_info = source.fetch_info()?;
     let destination_info = destination.fetch_info()?;
-    source.begin_session(&destination_info)?;
-    if let Err(e) = destination.begin_session(&source_info) {
-        let _ = source.end_session(false);
+    // The destination first: one that refuses (in another session, restored) does so
+    // before the source has bumped or flushed anything.
+    destination.begin_session_as(&source_info, SessionRole::Destination)?;
+    if let Err(e) = source.begin_session_as(&destination_info, SessionRole::Source) {
+        let _ = destination.end_session(false);
         return Err(e);
     }
     let (source_knowledge, destination_knowledge) =
@@ -122,7 +126,7 @@ fn transfer<S, D>(
     stats: &mut SessionStats,
 ) -> Result<bool, SyncError>
 where
-    S: ChangeSource + ?Sized,
+    S: ChangeSource + Send + ?Sized,
     D: ChangeDestination + ?Sized,
 {
     // A destination that already knows everything the source knows has nothing to
@@ -142,58 +146,89 @@ where
         });
     }
     stats.full_enumeration = full_enumeration;
-    let mut start: Vec<u8> = Vec::new();
-    let mut total = None;
-    loop {
-        if options.cancel.is_cancelled() {
-            stats.cancelled = true;
-            return Ok(false);
-        }
-        let request = BatchRequest {
-            destination: destination.replica_id(),
-            destination_knowledge,
-            start: &start,
-            batch_size: options.batch_size,
-            full_enumeration,
-        };
-        if stats.batches == 0 {
-            total = source.estimate_changes(&request)?;
-        }
-        let batch = source.change_batch(&request)?;
-        let sent = batch.change_count() as u64;
-        let bytes: u64 = batch
-            .changes()
-            .map(|c| (c.item.as_bytes().len() + c.data.as_ref().map_or(0, Vec::len)) as u64)
-            .sum();
-        let is_last = batch.is_last();
-        let next_start = batch
-            .groups()
-            .last()
-            .and_then(|g| g.range().end().map(<[u8]>::to_vec));
-        if !is_last
-            && next_start
-                .as_deref()
-                .is_none_or(|next| next <= start.as_slice())
-        {
-            return Err(SyncError::BadBatch {
-                source_replica: source.replica_id(),
-                reason:
-                    "a batch that is not the last must end its groups ahead of where it started"
-                        .into(),
-            });
-        }
-        let outcome = destination.process_batch(batch, &options.policy, observer)?;
-        stats.add_batch(sent, bytes, &outcome);
-        observer.progress(&Progress {
-            source: source.replica_id(),
-            destination: destination.replica_id(),
-            batches_done: stats.batches,
-            changes_done: stats.changes_sent,
-            changes_total: total,
+    let (source_id, destination_id) = (source.replica_id(), destination.replica_id());
+    let (batch_size, cancel) = (options.batch_size, &options.cancel);
+    let total = source.estimate_changes(&BatchRequest {
+        destination: destination_id,
+        destination_knowledge,
+        start: &[],
+        batch_size,
+        full_enumeration,
+    })?;
+    // The source cuts batch k + 1 on a thread of its own while the destination applies
+    // batch k: the next batch starts where this one's groups end, which the batch itself
+    // says, so nothing the destination does can change it. A batch cut ahead and never
+    // applied (the session failed or was cancelled meanwhile) is dropped: cutting
+    // changes nothing at the source.
+    std::thread::scope(|scope| {
+        let (wanted, wants) = mpsc::sync_channel::<Vec<u8>>(1);
+        let (cut, cuts) = mpsc::sync_channel::<Result<ChangeBatch, SyncError>>(1);
+        scope.spawn(move || {
+            for start in wants {
+                let batch = source.change_batch(&BatchRequest {
+                    destination: destination_id,
+                    destination_knowledge,
+                    start: &start,
+                    batch_size,
+                    full_enumeration,
+                });
+                let failed = batch.is_err();
+                if cut.send(batch).is_err() || failed {
+                    break;
+                }
+            }
         });
-        if is_last {
-            return Ok(true);
+        let mut start: Vec<u8> = Vec::new();
+        let _ = wanted.send(start.clone());
+        loop {
+            if cancel.is_cancelled() {
+                stats.cancelled = true;
+                return Ok(false);
+            }
+            // A closed channel means the cutting thread panicked: the scope re-raises
+            // that panic when it ends.
+            let batch = cuts.recv().map_err(|_| SyncError::BadBatch {
+                source_replica: source_id,
+                reason: "the source stopped while cutting a batch".into(),
+            })??;
+            let sent = batch.change_count() as u64;
+            let bytes: u64 = batch
+                .changes()
+                .map(|c| (c.item.as_bytes().len() + c.data.as_ref().map_or(0, Vec::len)) as u64)
+                .sum();
+            let is_last = batch.is_last();
+            let next_start = batch
+                .groups()
+                .last()
+                .and_then(|g| g.range().end().map(<[u8]>::to_vec));
+            if !is_last
+                && next_start
+                    .as_deref()
+                    .is_none_or(|next| next <= start.as_slice())
+            {
+                return Err(SyncError::BadBatch {
+                    source_replica: source_id,
+                    reason:
+                        "a batch that is not the last must end its groups ahead of where it started"
+                            .into(),
+                });
+            }
+            if !is_last {
+                let _ = wanted.send(next_start.clone().unwrap_or_default());
+            }
+            let outcome = destination.process_batch(batch, &options.policy, observer)?;
+            stats.add_batch(sent, bytes, &outcome);
+            observer.progress(&Progress {
+                source: source_id,
+                destination: destination_id,
+                batches_done: stats.batches,
+                changes_done: stats.changes_sent,
+                changes_total: total,
+            });
+            if is_last {
+                return Ok(true);
+            }
+            start = next_start.unwrap_or_default();
         }
-        start = next_start.unwrap_or_default();
-    }
+    })
 }

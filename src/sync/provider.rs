@@ -117,8 +117,17 @@ pub struct PeerInfo {
     pub epoch: u64,
 }
 
-/// What every provider offers, in either role.
-pub trait SyncProvider {
+/// The part a provider plays in one session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionRole {
+    Source,
+    Destination,
+}
+
+/// What every provider offers, in either role. `Send`, because the orchestrator has
+/// the source cut its next batch on a thread of its own while the destination applies
+/// the current one.
+pub trait SyncProvider: Send {
     fn replica_id(&self) -> ReplicaId;
     /// The provider's id, current knowledge and session epoch (for a remote provider,
     /// a round trip).
@@ -128,6 +137,13 @@ pub trait SyncProvider {
     /// old copy: `peer` knows ticks of this replica above its counter, or presents a
     /// session epoch below one this replica has already seen from it.
     fn begin_session(&mut self, peer: &PeerInfo) -> Result<(), SyncError>;
+    /// Joins a session knowing the part this provider plays in it. The orchestrator
+    /// calls this, the destination first, so that a destination that refuses (busy,
+    /// restored) does so before the source has made anything durable. The default
+    /// ignores the part; a remote provider uses it to open its side at once.
+    fn begin_session_as(&mut self, peer: &PeerInfo, _role: SessionRole) -> Result<(), SyncError> {
+        self.begin_session(peer)
+    }
     /// Records that `peer` moved to session `epoch` (it is about to send changes).
     fn note_peer_epoch(&mut self, peer: ReplicaId, epoch: u64) -> Result<(), SyncError>;
     /// Leaves the session. When `completed`, everything committed is flushed to disk
