@@ -2,7 +2,7 @@
 //! child process where a test kills it), real clients, real sockets.
 
 mod common;
-use common::spawn_hub;
+use common::{items_of, spawn_hub};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -74,20 +74,6 @@ fn options(direction: Direction, batch_size: usize) -> SessionOptions {
     }
 }
 
-fn items(replica: &Replica) -> Vec<(String, String)> {
-    replica
-        .items()
-        .expect("items")
-        .into_iter()
-        .map(|(k, v)| {
-            (
-                String::from_utf8_lossy(k.as_bytes()).into_owned(),
-                String::from_utf8_lossy(&v).into_owned(),
-            )
-        })
-        .collect()
-}
-
 fn remote(hub: &RunningHub, token: &str) -> Result<RemoteReplica, knit::hub::HubError> {
     RemoteReplica::connect(&hub.replica_url("notes"), token, TIMEOUT)
 }
@@ -109,7 +95,7 @@ fn two_clients_converge_through_the_hub_with_deletes_and_a_conflict() -> TestRes
 
     let down = b.sync_with(&mut remote(&hub, ALICE)?, &both, &mut NoObserver)?;
     assert_eq!(down.download.as_ref().map(|s| s.changes_applied), Some(7));
-    assert_eq!(items(&a), items(&b));
+    assert_eq!(items_of(&a), items_of(&b));
 
     // Concurrent edits of k1, a delete of k2 on B, a new k9 on A.
     a.put(&id("k1"), b"from a")?;
@@ -120,8 +106,8 @@ fn two_clients_converge_through_the_hub_with_deletes_and_a_conflict() -> TestRes
     a.sync_with(&mut remote(&hub, ALICE)?, &both, &mut conflicts)?;
     b.sync_with(&mut remote(&hub, ALICE)?, &both, &mut conflicts)?;
     a.sync_with(&mut remote(&hub, ALICE)?, &both, &mut conflicts)?;
-    assert_eq!(items(&a), items(&b));
-    let keys: Vec<String> = items(&a).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(items_of(&a), items_of(&b));
+    let keys: Vec<String> = items_of(&a).into_iter().map(|(k, _)| k).collect();
     assert!(
         !keys.contains(&"k2".to_string()),
         "the delete crossed: {keys:?}"
@@ -155,7 +141,7 @@ mod common_recorder {
 /// The hosted replica as it lies in the hub's data folder (the hub must be stopped).
 fn hub_state(dir: &Path) -> (knit::Knowledge, Vec<(String, String)>) {
     let replica = Replica::open(&dir.join("hub-data").join("notes")).expect("open hub replica");
-    (replica.knowledge(), items(&replica))
+    (replica.knowledge(), items_of(&replica))
 }
 
 #[test]
@@ -207,7 +193,7 @@ fn bad_tokens_get_401_and_missing_rights_403_and_nothing_changes() -> TestResult
         before,
         "no refused call changed the hub"
     );
-    assert_eq!(items(&stranger).len(), 2, "the reader downloaded x");
+    assert_eq!(items_of(&stranger).len(), 2, "the reader downloaded x");
     Ok(())
 }
 
@@ -484,8 +470,29 @@ fn resume_upload(dir: &Path, config: &Path, a_path: &Path, committed: usize) -> 
     );
     hub.kill()?;
     hub.wait()?;
-    assert_eq!(hub_state(dir).1, items(&a), "nothing lost");
+    assert_eq!(hub_state(dir).1, items_of(&a), "nothing lost");
     Ok(())
+}
+
+/// A's upload on a thread of its own, in batches of 5, which must end with the hub
+/// gone (a transport error), not succeed.
+fn upload_until_the_hub_goes(
+    a_path: &Path,
+    url: String,
+) -> std::thread::JoinHandle<Result<(), String>> {
+    let a_path = a_path.to_path_buf();
+    std::thread::spawn(move || {
+        let mut a = Replica::open(&a_path).map_err(|e| e.to_string())?;
+        let mut hub = RemoteReplica::connect(&url, ALICE, TIMEOUT).map_err(|e| e.to_string())?;
+        let result = a.sync_with(&mut hub, &options(Direction::Upload, 5), &mut NoObserver);
+        a.flush().map_err(|e| e.to_string())?;
+        match result {
+            Err(SyncError::Remote { .. }) => Ok(()),
+            other => Err(format!(
+                "expected the upload to stop with the hub: {other:?}"
+            )),
+        }
+    })
 }
 
 #[test]
@@ -520,19 +527,7 @@ fn a_hub_killed_mid_upload_keeps_what_it_committed_and_the_client_resumes() -> T
     let (a_path, config) = upload_setup(dir.path(), "")?;
     let (mut hub, base) = spawn_hub(&config)?;
     let url = format!("{base}/replicas/notes");
-    let uploading = a_path.clone();
-    let uploader = std::thread::spawn(move || -> Result<(), String> {
-        let mut a = Replica::open(&uploading).map_err(|e| e.to_string())?;
-        let mut hub = RemoteReplica::connect(&url, ALICE, TIMEOUT).map_err(|e| e.to_string())?;
-        let result = a.sync_with(&mut hub, &options(Direction::Upload, 5), &mut NoObserver);
-        a.flush().map_err(|e| e.to_string())?;
-        match result {
-            Err(SyncError::Remote { .. }) => Ok(()),
-            other => Err(format!(
-                "expected the upload to fail with the hub gone: {other:?}"
-            )),
-        }
-    });
+    let uploader = upload_until_the_hub_goes(&a_path, url);
     kill_when_applied(&mut hub, &base, 100)?;
     uploader.join().map_err(|_| "uploader panicked")??;
     let committed = hub_state(dir.path()).1.len();
@@ -546,19 +541,7 @@ fn sigterm_mid_upload_stops_the_hub_cleanly_and_the_client_resumes() -> TestResu
     let (a_path, config) = upload_setup(dir.path(), "")?;
     let (mut hub, base) = spawn_hub(&config)?;
     let url = format!("{base}/replicas/notes");
-    let uploading = a_path.clone();
-    let uploader = std::thread::spawn(move || -> Result<(), String> {
-        let mut a = Replica::open(&uploading).map_err(|e| e.to_string())?;
-        let mut hub = RemoteReplica::connect(&url, ALICE, TIMEOUT).map_err(|e| e.to_string())?;
-        let result = a.sync_with(&mut hub, &options(Direction::Upload, 5), &mut NoObserver);
-        a.flush().map_err(|e| e.to_string())?;
-        match result {
-            Err(SyncError::Remote { .. }) => Ok(()),
-            other => Err(format!(
-                "expected the upload to stop with the hub: {other:?}"
-            )),
-        }
-    });
+    let uploader = upload_until_the_hub_goes(&a_path, url);
     let status = signal_when_applied(&mut hub, &base, 100, Some("-TERM"))?;
     assert!(status.success(), "a graceful stop exits 0: {status}");
     uploader.join().map_err(|_| "uploader panicked")??;

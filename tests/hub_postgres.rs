@@ -83,20 +83,6 @@ fn sync_retrying(replica: &mut Replica, url: &str) -> Result<u64, Box<dyn std::e
     }
 }
 
-fn items(replica: &Replica) -> Vec<(String, String)> {
-    replica
-        .items()
-        .expect("items")
-        .into_iter()
-        .map(|(k, v)| {
-            (
-                String::from_utf8_lossy(k.as_bytes()).into_owned(),
-                String::from_utf8_lossy(&v).into_owned(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn two_hub_processes_on_one_database_serve_clients_at_once_and_all_converge() -> TestResult {
     let Some(conninfo) = common::pg_conninfo() else {
@@ -156,9 +142,9 @@ fn two_hub_processes_on_one_database_serve_clients_at_once_and_all_converge() ->
             sync_retrying(replica, &urls[(c + round) % 2])?;
         }
     }
-    let first = items(&clients[0]);
+    let first = common::items_of(&clients[0]);
     for (c, replica) in clients.iter().enumerate() {
-        assert_eq!(items(replica), first, "client {c} converged");
+        assert_eq!(common::items_of(replica), first, "client {c} converged");
         assert_eq!(replica.knowledge(), clients[0].knowledge(), "client {c}");
     }
     assert!(!first.is_empty());
@@ -268,10 +254,14 @@ fn a_replica_stored_in_postgresql_syncs_with_one_in_sled_like_any_other() -> Tes
     }
     local.sync_with(&mut pg, &options, &mut NoObserver)?;
     local.sync_with(&mut pg, &options, &mut NoObserver)?;
-    assert_eq!(items(&pg), items(&local));
+    assert_eq!(common::items_of(&pg), common::items_of(&local));
     assert_eq!(pg.knowledge(), local.knowledge());
     let reopened = open_pg()?;
-    assert_eq!(items(&reopened), items(&local), "durable in PostgreSQL");
+    assert_eq!(
+        common::items_of(&reopened),
+        common::items_of(&local),
+        "durable in PostgreSQL"
+    );
     let gc = pg.collect_garbage(0)?;
     assert!(
         gc.tombstones_removed > 0,

@@ -34,20 +34,7 @@ function serve(dir) {
   });
 }
 
-// The same xorshift64* value generator as knit's benches (values of 100 letters).
-function values(seed) {
-  let s = BigInt.asUintN(64, BigInt(seed));
-  return () => {
-    let out = '';
-    for (let i = 0; i < 100; i++) {
-      s ^= s >> 12n; s ^= BigInt.asUintN(64, s << 25n); s ^= s >> 27n;
-      const r = BigInt.asUintN(64, s * 0x2545F4914F6CDD1Dn) >> 59n;
-      out += String.fromCharCode(97 + Number(r % 26n));
-    }
-    return out;
-  };
-}
-const key = (i) => 'item-' + String(i).padStart(8, '0');
+const { values, key } = require('./workload');
 
 function startServer(dir) {
   const child = fork(__filename, ['--serve', dir], { stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });

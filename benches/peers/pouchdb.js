@@ -13,20 +13,7 @@ const N = parseInt(process.argv[2] || '100000', 10);
 const K = parseInt(process.argv[3] || '100', 10);
 const BATCH = 1000;
 
-// The same xorshift64* value generator as knit's bench (values of 100 letters).
-function values(seed) {
-  let s = BigInt.asUintN(64, BigInt(seed));
-  return () => {
-    let out = '';
-    for (let i = 0; i < 100; i++) {
-      s ^= s >> 12n; s ^= BigInt.asUintN(64, s << 25n); s ^= s >> 27n;
-      const r = BigInt.asUintN(64, s * 0x2545F4914F6CDD1Dn) >> 59n;
-      out += String.fromCharCode(97 + Number(r % 26n));
-    }
-    return out;
-  };
-}
-const key = (i) => 'item-' + String(i).padStart(8, '0');
+const { values, key } = require('./workload');
 
 async function main() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'knit-pouch-'));

@@ -76,7 +76,6 @@ pub(super) struct Slot {
     role: Role,
     peer: PeerInfo,
     allowed: BTreeSet<ReplicaId>,
-    last_seen: Instant,
     started_ms: u64,
     changes: u64,
     conflicts: u64,
@@ -138,11 +137,15 @@ impl Hosted {
         self.session_open.store(open, Ordering::SeqCst);
     }
 
+    /// The session has not heard from its client for longer than `timeout`.
+    fn idle(&self, timeout: Duration) -> bool {
+        now_ms().saturating_sub(self.last_seen_ms.load(Ordering::SeqCst))
+            > timeout.as_millis() as u64
+    }
+
     /// A session is open and has heard from its client within `timeout`.
     fn busy(&self, timeout: Duration) -> bool {
-        self.session_open.load(Ordering::SeqCst)
-            && now_ms().saturating_sub(self.last_seen_ms.load(Ordering::SeqCst))
-                <= timeout.as_millis() as u64
+        self.session_open.load(Ordering::SeqCst) && !self.idle(timeout)
     }
 }
 
@@ -266,11 +269,7 @@ impl HubState {
     pub fn expire_idle(&self) {
         for hosted in self.replicas.values() {
             let mut state = hosted.lock();
-            let idle = state
-                .slot
-                .as_ref()
-                .is_some_and(|s| s.last_seen.elapsed() > self.config.session_timeout);
-            if idle {
+            if state.slot.is_some() && hosted.idle(self.config.session_timeout) {
                 eprintln!(
                     "knit serve: replica {}: session timed out after {} s idle; rolled back",
                     hosted.name,
@@ -528,7 +527,6 @@ fn session<'a>(
             )));
         }
     }
-    slot.last_seen = Instant::now();
     Ok((replica, slot))
 }
 
@@ -598,11 +596,7 @@ async fn begin(
     }
     let hub2 = Arc::clone(&hub);
     let session = on_replica(hosted, move |hosted, state| {
-        if state
-            .slot
-            .as_ref()
-            .is_some_and(|s| s.last_seen.elapsed() > hub2.config.session_timeout)
-        {
+        if state.slot.is_some() && hosted.idle(hub2.config.session_timeout) {
             hub2.finish(hosted, state, false, "timed out");
         }
         if state.slot.is_some() {
@@ -646,7 +640,6 @@ async fn begin(
             role: request.role,
             peer,
             allowed: grant.replica_ids.clone(),
-            last_seen: Instant::now(),
             started_ms: now_ms(),
             changes: 0,
             conflicts: 0,

@@ -254,17 +254,7 @@ impl Net {
     }
 
     pub fn items(&mut self, name: &str) -> Vec<(String, String)> {
-        self.r(name)
-            .items()
-            .expect("items")
-            .into_iter()
-            .map(|(k, v)| {
-                (
-                    String::from_utf8(k.as_bytes().to_vec()).expect("utf8"),
-                    String::from_utf8(v).expect("utf8"),
-                )
-            })
-            .collect()
+        items_of(self.r(name))
     }
 
     /// The side of `source → destination` a hub hosts on this route; `None` directly.
@@ -415,4 +405,19 @@ pub fn spawn_hub(
         .ok_or_else(|| format!("the hub printed no URL: {line:?}"))?
         .to_string();
     Ok((child, url))
+}
+
+/// A replica's live items as `(key, value)` text, in key order.
+pub fn items_of(replica: &Replica) -> Vec<(String, String)> {
+    replica
+        .items()
+        .expect("items")
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8(k.as_bytes().to_vec()).expect("utf8"),
+                String::from_utf8(v).expect("utf8"),
+            )
+        })
+        .collect()
 }
