@@ -25,11 +25,23 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 const KEYS: u8 = 4;
+/// The key space of the page test: several item pages' worth (a page holds 64 items).
+const WIDE_KEYS: u8 = 250;
 
 #[derive(Clone, Debug)]
 enum Op {
     Put(u8, u8),
     Delete(u8),
+    /// Put `n` keys from `k` on, upwards or downwards (key numbers wrap), one commit each:
+    /// pages fill, split, and take ids below their first one.
+    PutRun {
+        k: u8,
+        n: u8,
+        v: u8,
+        down: bool,
+    },
+    /// Delete `n` keys from `k` upwards.
+    DeleteRun(u8, u8),
     /// Close the replica and open it again, as a new process would.
     Reopen,
     /// Remove every tombstone (cleanup with age 0).
@@ -45,8 +57,20 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Operations over `WIDE_KEYS` keys in long runs, so that pages split and empty.
+fn wide_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0..WIDE_KEYS, 1..150u8, 0..3u8, any::<bool>())
+            .prop_map(|(k, n, v, down)| Op::PutRun { k, n, v, down }),
+        2 => (0..WIDE_KEYS, 1..150u8).prop_map(|(k, n)| Op::DeleteRun(k, n)),
+        2 => (0..WIDE_KEYS, 0..3u8).prop_map(|(k, v)| Op::Put(k, v)),
+        1 => Just(Op::Reopen),
+        1 => Just(Op::Gc),
+    ]
+}
+
 fn key(k: u8) -> ItemId {
-    id(&format!("key{k}"))
+    id(&format!("key{k:03}"))
 }
 
 fn value(v: u8) -> Vec<u8> {
@@ -116,9 +140,25 @@ fn check(r: &Replica, model: &Model) -> CaseResult {
         .filter_map(|(k, e)| e.value.clone().map(|v| (k.clone(), v)))
         .collect();
     prop_assert_eq!(r.items().map_err(fail)?, live);
-    for k in 0..KEYS {
-        let expected = model.items.get(&key(k)).and_then(|e| e.value.clone());
-        prop_assert_eq!(r.get(&key(k)).map_err(fail)?, expected, "get {}", k);
+    let keys = (0..KEYS).map(key).chain(model.items.keys().cloned());
+    for k in keys {
+        let expected = model.items.get(&k).and_then(|e| e.value.clone());
+        prop_assert_eq!(r.get(&k).map_err(fail)?, expected, "get {}", k);
+    }
+    // Listing from any key starts exactly there, wherever that key's page begins.
+    if let Some(k) = model.items.keys().nth(model.items.len() / 2) {
+        let from: Vec<ItemId> = r
+            .metadata()
+            .items_from(k.as_bytes())
+            .map(|e| e.map(|(id, _)| id))
+            .collect::<Result<_, _>>()
+            .map_err(fail)?;
+        let expected: Vec<ItemId> = model
+            .items
+            .range(k.clone()..)
+            .map(|(k, _)| k.clone())
+            .collect();
+        prop_assert_eq!(from, expected);
     }
 
     // Every item and tombstone the model holds, at exactly the model's versions. (The
@@ -180,50 +220,74 @@ fn check(r: &Replica, model: &Model) -> CaseResult {
     Ok(())
 }
 
-fn run_case(ops: &[Op]) -> CaseResult {
+fn put(r: &mut Replica, model: &mut Model, k: u8, v: u8) -> CaseResult {
+    let version = r.put(&key(k), &value(v)).map_err(fail)?;
+    model.tick += 1;
+    prop_assert_eq!(version, Version::new(r.id(), model.tick));
+    let creation_tick = match model.items.get(&key(k)) {
+        Some(Entry {
+            value: Some(_),
+            creation_tick,
+            ..
+        }) => *creation_tick,
+        // A put after a delete starts a new life of the item.
+        _ => model.tick,
+    };
+    model.items.insert(
+        key(k),
+        Entry {
+            value: Some(value(v)),
+            version_tick: model.tick,
+            creation_tick,
+        },
+    );
+    Ok(())
+}
+
+fn delete(r: &mut Replica, model: &mut Model, k: u8) -> CaseResult {
+    let deleted = r.delete(&key(k)).map_err(fail)?;
+    match model.items.get_mut(&key(k)) {
+        Some(entry) if entry.value.is_some() => {
+            model.tick += 1;
+            prop_assert_eq!(deleted, Some(Version::new(r.id(), model.tick)));
+            entry.value = None;
+            entry.version_tick = model.tick;
+        }
+        // Deleting what is not there takes no tick and leaves no trace.
+        _ => prop_assert_eq!(deleted, None),
+    }
+    Ok(())
+}
+
+/// Runs `ops`; a commit rewrites a page once it changes `fold` of its items or index
+/// entries (1: every commit writes pages; large: every record stays loose).
+fn run_case(ops: &[Op], fold: usize) -> CaseResult {
     let dir = tempfile::tempdir().map_err(fail)?;
     let path = dir.path().join("r");
     let clock = ManualClock::starting_at(1_000_000);
     let mut r = Replica::create(&path).map_err(fail)?;
     r.set_clock(clock.clone());
+    r.set_fold_threshold(fold);
     let mut model = Model::default();
     // Versions of cleaned-up tombstones: forgotten knowledge must contain them.
     let mut cleaned: Vec<(ItemId, Version)> = Vec::new();
     for op in ops {
         match *op {
-            Op::Put(k, v) => {
-                let version = r.put(&key(k), &value(v)).map_err(fail)?;
-                model.tick += 1;
-                prop_assert_eq!(version, Version::new(r.id(), model.tick));
-                let creation_tick = match model.items.get(&key(k)) {
-                    Some(Entry {
-                        value: Some(_),
-                        creation_tick,
-                        ..
-                    }) => *creation_tick,
-                    // A put after a delete starts a new life of the item.
-                    _ => model.tick,
-                };
-                model.items.insert(
-                    key(k),
-                    Entry {
-                        value: Some(value(v)),
-                        version_tick: model.tick,
-                        creation_tick,
-                    },
-                );
+            Op::Put(k, v) => put(&mut r, &mut model, k, v)?,
+            Op::Delete(k) => delete(&mut r, &mut model, k)?,
+            Op::PutRun { k, n, v, down } => {
+                for i in 0..n {
+                    let k = if down {
+                        k.wrapping_sub(i) % WIDE_KEYS
+                    } else {
+                        k.wrapping_add(i) % WIDE_KEYS
+                    };
+                    put(&mut r, &mut model, k, v)?;
+                }
             }
-            Op::Delete(k) => {
-                let deleted = r.delete(&key(k)).map_err(fail)?;
-                match model.items.get_mut(&key(k)) {
-                    Some(entry) if entry.value.is_some() => {
-                        model.tick += 1;
-                        prop_assert_eq!(deleted, Some(Version::new(r.id(), model.tick)));
-                        entry.value = None;
-                        entry.version_tick = model.tick;
-                    }
-                    // Deleting what is not there takes no tick and leaves no trace.
-                    _ => prop_assert_eq!(deleted, None),
+            Op::DeleteRun(k, n) => {
+                for i in 0..n {
+                    delete(&mut r, &mut model, k.wrapping_add(i) % WIDE_KEYS)?;
                 }
             }
             Op::Reopen => {
@@ -234,6 +298,7 @@ fn run_case(ops: &[Op]) -> CaseResult {
                 // issue #1289), so an `InUse` here means `MetadataStore::open` does not
                 // wait for that moment.
                 r = open(&path, &clock).map_err(fail)?;
+                r.set_fold_threshold(fold);
                 prop_assert_eq!(image(&r).map_err(fail)?, before);
             }
             Op::Gc => {
@@ -266,9 +331,26 @@ fn metadata_store_agrees_with_a_reference_model() -> TestResult {
         ..Config::default()
     });
     runner
-        .run(&proptest::collection::vec(op(), 1..40), |ops| {
-            run_case(&ops)
-        })
+        .run(
+            &(proptest::collection::vec(op(), 1..40), 1..4usize),
+            |(ops, fold)| run_case(&ops, fold),
+        )
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[test]
+fn metadata_store_agrees_with_the_model_while_pages_split_and_empty() -> TestResult {
+    let mut runner = TestRunner::new(Config {
+        cases: 12,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(
+            &(proptest::collection::vec(wide_op(), 1..16), 1..4usize),
+            |(ops, fold)| run_case(&ops, fold),
+        )
         .map_err(|e| e.to_string())?;
     Ok(())
 }
@@ -362,15 +444,49 @@ fn a_replica_record_of_another_format_is_refused_by_name() -> TestResult {
 
 #[test]
 fn a_damaged_item_record_is_an_error_that_names_the_item() -> TestResult {
+    for paged in [false, true] {
+        damaged_item_record_case(paged)?;
+    }
+    Ok(())
+}
+
+/// Puts a damaged record of `x` back where it came from (alone, or inside its page).
+type Rewrap = Box<dyn Fn(&[u8]) -> Vec<u8>>;
+
+/// One item of two damaged in every way, kept as a loose record or inside a page.
+fn damaged_item_record_case(paged: bool) -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("r");
     {
         let mut r = Replica::create(&path)?;
+        if paged {
+            r.set_fold_threshold(1);
+        }
         r.put(&id("x"), b"ex")?;
         r.put(&id("y"), b"why")?;
     }
-    let item_key = [0x10, b'x'];
-    let record = read_record(&path, &item_key)?;
+    // Loose, `x`'s record is under `10 ‖ "x"`. Paged, both items live in the first item
+    // page (key `20`): `'G' 01`, a count, then `(id, record)` byte strings
+    // (docs/format.md), all lengths here one byte.
+    let (key, record, wrap): (Vec<u8>, Vec<u8>, Rewrap) = if paged {
+        let page = read_record(&path, &[0x20])?;
+        assert_eq!(page[..5], [b'G', 1, 2, 1, b'x']);
+        let record_len = usize::from(page[5]);
+        let record = page[6..6 + record_len].to_vec();
+        let rest = page[6 + record_len..].to_vec();
+        let wrap = move |record: &[u8]| {
+            let mut page = vec![b'G', 1, 2, 1, b'x', record.len() as u8];
+            page.extend_from_slice(record);
+            page.extend_from_slice(&rest);
+            page
+        };
+        assert_eq!(wrap(&record), page);
+        (vec![0x20], record, Box::new(wrap))
+    } else {
+        let key = vec![0x10, b'x'];
+        let record = read_record(&path, &key)?;
+        (key, record, Box::new(|record: &[u8]| record.to_vec()))
+    };
     // `[kind 'I', record format 1, creation replica (16 bytes), creation tick, ...]`.
     assert_eq!((record[0], record[1], record[18]), (b'I', 1, 1));
     let mut wrong_kind = record.clone();
@@ -390,7 +506,7 @@ fn a_damaged_item_record_is_an_error_that_names_the_item() -> TestResult {
         ("empty", Vec::new()),
     ];
     for (case, bytes) in cases {
-        overwrite_record(&path, &item_key, &bytes)?;
+        overwrite_record(&path, &key, &wrap(&bytes))?;
         // Item records are read when asked for, so the replica opens; the damaged item
         // is an error wherever it is read, and the other item is still there.
         let r = Replica::open(&path)?;
@@ -481,5 +597,104 @@ fn opening_a_replica_that_is_already_open_is_refused_not_awaited() -> TestResult
     drop(first);
     let again = Replica::open(&path)?;
     assert_eq!((again.id(), again.tick(), again.items()?), before);
+    Ok(())
+}
+
+/// An entry of a page: `(id, record)`, or `([tick], id)` for an index page.
+type PageEntry = (Vec<u8>, Vec<u8>);
+
+/// Reads the `(bytes, bytes)` or `(tick, bytes)` entries of a page whose lengths, counts
+/// and ticks are all below 251 (one-byte varints; see docs/format.md).
+fn small_page_entries(page: &[u8]) -> Result<Vec<PageEntry>, String> {
+    let byte = |at: usize| -> Result<usize, String> {
+        let b = *page.get(at).ok_or("page cut short")?;
+        if b >= 251 {
+            return Err("a varint of more than one byte".into());
+        }
+        Ok(usize::from(b))
+    };
+    let mut out = Vec::new();
+    let mut at = 3;
+    for _ in 0..byte(2)? {
+        let (head, next) = if page[0] == b'J' {
+            (
+                vec![u8::try_from(byte(at)?).map_err(|e| e.to_string())?],
+                at + 1,
+            )
+        } else {
+            let len = byte(at)?;
+            (page[at + 1..at + 1 + len].to_vec(), at + 1 + len)
+        };
+        let len = byte(next)?;
+        out.push((head, page[next + 1..next + 1 + len].to_vec()));
+        at = next + 1 + len;
+    }
+    Ok(out)
+}
+
+#[test]
+fn a_store_of_format_1_opens_upgraded_with_everything_in_it() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("r");
+    let before = {
+        // Pages first, then loose records that shadow some of their entries.
+        let mut r = Replica::create(&path)?;
+        r.set_fold_threshold(1);
+        for k in 0..150u8 {
+            r.put(&key(k), &value(k % 3))?;
+        }
+        r.set_fold_threshold(8);
+        for k in (0..150u8).step_by(7) {
+            r.delete(&key(k))?;
+        }
+        image(&r)?
+    };
+    // Rewrite the store as format 1 had it: a record per item under `10 ‖ id`, an
+    // entry per version under `11 ‖ replica ‖ tick (big-endian)`.
+    {
+        let r = Replica::open(&path)?;
+        let tree = r.metadata().raw_tree().ok_or("a sled store")?;
+        let mut items = 0;
+        for entry in tree.iter() {
+            let (k, v) = entry?;
+            match k.first() {
+                Some(0x20) => {
+                    for (id, record) in small_page_entries(&v)? {
+                        // A loose record is the item's record; the entry is stale.
+                        let loose = [&[0x10][..], &id].concat();
+                        if !tree.contains_key(&loose)? {
+                            tree.insert(loose, record)?;
+                        }
+                        items += 1;
+                    }
+                }
+                Some(0x21) => {
+                    for (tick, id) in small_page_entries(&v)? {
+                        let tick = u64::from(tick[0]).to_be_bytes();
+                        tree.insert([&[0x11][..], &k[1..17], &tick].concat(), id)?;
+                    }
+                }
+                _ => continue,
+            }
+            tree.remove(k)?;
+        }
+        assert_eq!(items, 150);
+        let mut replica_record = tree.get(REPLICA_KEY)?.ok_or("replica record")?.to_vec();
+        assert_eq!(replica_record[2], u8::try_from(STORE_FORMAT)?);
+        replica_record[2] = 1;
+        tree.insert(REPLICA_KEY, replica_record)?;
+        tree.flush()?;
+    }
+    let r = Replica::open(&path)?;
+    assert_eq!(image(&r)?, before);
+    let tree = r.metadata().raw_tree().ok_or("a sled store")?;
+    // Format 1's records are this format's loose records: they stay where they are.
+    assert_eq!(tree.scan_prefix([0x10]).count(), 150);
+    assert_eq!(tree.scan_prefix([0x20]).count(), 0);
+    assert_eq!(tree.get(REPLICA_KEY)?.ok_or("replica record")?[2], 2);
+    assert_eq!(
+        r.metadata().changes_unknown_to(&Knowledge::new())?.len(),
+        150
+    );
     Ok(())
 }

@@ -50,6 +50,23 @@ pub trait Backend: Send {
     fn get(&self, key: &[u8]) -> Result<Option<Bytes>, BackendError>;
     /// Entries whose keys lie between the bounds, in key order.
     fn range(&self, from: Bound<&[u8]>, to: Bound<&[u8]>) -> Scan<'_>;
+    /// The entry with the greatest key in `[floor, key]`, if any.
+    fn last_at_or_before(
+        &self,
+        floor: &[u8],
+        key: &[u8],
+    ) -> Result<Option<(Bytes, Bytes)>, BackendError>;
+    /// The smallest key in `(key, end)`, if any (the key only: a probe for where the
+    /// next page starts should not read the page).
+    fn first_key_after(&self, key: &[u8], end: &[u8]) -> Result<Option<Bytes>, BackendError> {
+        match self
+            .range(Bound::Excluded(key), Bound::Excluded(end))
+            .next()
+        {
+            None => Ok(None),
+            Some(entry) => entry.map(|(k, _)| Some(k)),
+        }
+    }
     /// Applies every write of `batch`, or none.
     fn apply(&self, batch: WriteBatch) -> Result<(), BackendError>;
     /// Blocks until everything applied is durable.
@@ -90,6 +107,14 @@ impl Backend for SledBackend {
                 .range::<Vec<u8>, _>((owned(from), owned(to)))
                 .map(|entry| entry.map_err(BackendError::from)),
         )
+    }
+
+    fn last_at_or_before(
+        &self,
+        floor: &[u8],
+        key: &[u8],
+    ) -> Result<Option<(Bytes, Bytes)>, BackendError> {
+        Ok(self.db.range(floor..=key).next_back().transpose()?)
     }
 
     fn apply(&self, batch: WriteBatch) -> Result<(), BackendError> {

@@ -10,6 +10,10 @@
 //! - The tick is written in the same batch as the change that used it, so a tick is
 //!   never issued twice by one store.
 //! - The index holds exactly one entry per item: its current change version.
+//! - An item's record is its loose record if it has one, else its entry in the item
+//!   page whose range holds its id; an index entry is loose or in its bucket's page,
+//!   never both (see `pages` and docs/format.md). Which layout a commit picks changes
+//!   the cost of the writes, never what a read returns.
 //! - The stored knowledge omits this replica's own entry; [`MetadataStore::knowledge`]
 //!   adds `own id ↦ tick` to every vector, because a replica knows all its own changes.
 //! - Every record starts with a kind byte and a format version; a record of another
@@ -19,6 +23,7 @@
 
 pub(crate) mod backend;
 mod error;
+pub(crate) mod pages;
 pub mod postgres;
 mod records;
 pub(crate) mod sled_folder;

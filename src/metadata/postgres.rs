@@ -143,6 +143,33 @@ impl Backend for PostgresBackend {
         Ok(row.map(|r| Bytes::from(r.get::<_, Vec<u8>>(0))))
     }
 
+    fn last_at_or_before(
+        &self,
+        floor: &[u8],
+        key: &[u8],
+    ) -> Result<Option<(Bytes, Bytes)>, BackendError> {
+        let row = self.client().query_opt(
+            "SELECT key, value FROM knit_metadata WHERE replica = $1 \
+             AND key >= $2 AND key <= $3 ORDER BY key DESC LIMIT 1",
+            &[&self.replica, &floor, &key],
+        )?;
+        Ok(row.map(|r| {
+            (
+                Bytes::from(r.get::<_, Vec<u8>>(0)),
+                Bytes::from(r.get::<_, Vec<u8>>(1)),
+            )
+        }))
+    }
+
+    fn first_key_after(&self, key: &[u8], end: &[u8]) -> Result<Option<Bytes>, BackendError> {
+        let row = self.client().query_opt(
+            "SELECT key FROM knit_metadata WHERE replica = $1 \
+             AND key > $2 AND key < $3 ORDER BY key LIMIT 1",
+            &[&self.replica, &key, &end],
+        )?;
+        Ok(row.map(|r| Bytes::from(r.get::<_, Vec<u8>>(0))))
+    }
+
     fn range(&self, from: Bound<&[u8]>, to: Bound<&[u8]>) -> Scan<'_> {
         let to = match to {
             Bound::Included(k) => Bound::Included(k.to_vec()),

@@ -265,6 +265,9 @@ pub fn check_record(bytes: &[u8]) -> Result<(), String> {
         Some(&KIND_ITEM) => ItemMeta::decode(bytes).map(drop),
         Some(&KIND_CONFLICT) => SavedConflict::decode(bytes).map(drop),
         Some(&KIND_PEER) => decode::<PeerRecord>(KIND_PEER, bytes).map(drop),
+        Some(&super::pages::KIND_ITEM_PAGE | &super::pages::KIND_INDEX_PAGE) => {
+            super::pages::check_page(bytes)
+        }
         Some(k) => Err(format!("unknown record kind {k:#04x}")),
         None => Err("empty record".into()),
     }

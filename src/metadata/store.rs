@@ -2,6 +2,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::backend::{Backend, BackendError, Bytes, SledBackend, WriteBatch};
+use super::pages::{
+    encode_index_page, encode_item_page, find_item, index_entries, item_entries, split_points,
+    INDEX_BUCKET,
+};
 use super::records::{
     decode, decode_knowledge_record, encode, encode_knowledge_record, ClockRecord, PeerRecord,
     ReplicaRecord, KIND_CLOCK, KIND_PEER, KIND_REPLICA,
@@ -13,15 +17,19 @@ use std::ops::Bound;
 
 /// The store layout version written in the replica record. Bump it when a key layout or
 /// a record changes meaning; `open` refuses any other value.
-pub const STORE_FORMAT: u32 = 1;
+pub const STORE_FORMAT: u32 = 2;
 
 // One-byte key prefixes. Fixed records sit below the per-item families.
 const KEY_REPLICA: &[u8] = &[0x01];
 const KEY_CLOCK: &[u8] = &[0x02];
 const KEY_KNOWLEDGE: &[u8] = &[0x03];
 const KEY_FORGOTTEN: &[u8] = &[0x04];
+/// Loose item records and index entries: one record each, as store format 1 had them.
 const PREFIX_ITEM: u8 = 0x10;
 const PREFIX_INDEX: u8 = 0x11;
+/// Item pages and index pages (see `metadata::pages`).
+const PREFIX_PAGE: u8 = 0x20;
+const PREFIX_INDEX_PAGE: u8 = 0x21;
 const PREFIX_CONFLICT: u8 = 0x13;
 const PREFIX_PEER: u8 = 0x14;
 const PREFIX_PENDING: u8 = 0x15;
@@ -34,13 +42,34 @@ fn prefixed(prefix: u8, id: &[u8]) -> Vec<u8> {
     key
 }
 
-fn index_key(v: Version) -> [u8; 25] {
+/// The key of the index page that holds `(replica, tick)`.
+fn index_page_key(replica: &[u8; 16], tick: u64) -> [u8; 25] {
+    index_key(PREFIX_INDEX_PAGE, replica, tick / INDEX_BUCKET)
+}
+
+/// The key of the loose index entry of `(replica, tick)`.
+fn loose_index_key(replica: &[u8; 16], tick: u64) -> [u8; 25] {
+    index_key(PREFIX_INDEX, replica, tick)
+}
+
+fn index_key(prefix: u8, replica: &[u8; 16], n: u64) -> [u8; 25] {
     let mut key = [0u8; 25];
-    key[0] = PREFIX_INDEX;
-    key[1..17].copy_from_slice(v.replica.as_bytes());
-    key[17..].copy_from_slice(&v.tick.to_be_bytes());
+    key[0] = prefix;
+    key[1..17].copy_from_slice(replica);
+    key[17..].copy_from_slice(&n.to_be_bytes());
     key
 }
+
+/// A commit writes a page (folding in the loose records of its range) when it changes
+/// at least this many of the page's items or index entries; fewer go as loose records.
+/// Rewriting a 64-entry page for one item would cost more than the loose record, and
+/// fills sled's log with garbage; above a few items a page is the cheaper write.
+const DEFAULT_FOLD: usize = 8;
+
+/// The first key of the item page family: the first page's key, and the floor of
+/// every page lookup.
+const FIRST_PAGE: &[u8] = &[PREFIX_PAGE];
+const PAGES_END: &[u8] = &[PREFIX_PAGE + 1];
 
 /// An item's metadata with the data its record carries (`None`: a tombstone, or a
 /// store that keeps data elsewhere).
@@ -68,6 +97,8 @@ pub struct MetadataStore {
     stored_knowledge: Knowledge,
     forgotten: Knowledge,
     poisoned: bool,
+    /// See [`DEFAULT_FOLD`]; tests lower it to reach every layout.
+    fold: usize,
 }
 
 impl MetadataStore {
@@ -128,7 +159,13 @@ impl MetadataStore {
 
     /// Opens the replica stored in `backend`.
     pub(crate) fn load(backend: Box<dyn Backend>) -> Result<Self, MetadataError> {
-        let fixed = read_fixed_records(&*backend)?;
+        let fixed = match read_fixed_records(&*backend) {
+            Err(MetadataError::FormatVersion { found: 1, .. }) => {
+                upgrade_from_format_1(&*backend)?;
+                read_fixed_records(&*backend)?
+            }
+            other => other?,
+        };
         Ok(Self {
             path: PathBuf::from(backend.location()),
             backend,
@@ -137,6 +174,7 @@ impl MetadataStore {
             stored_knowledge: fixed.knowledge,
             forgotten: fixed.forgotten,
             poisoned: false,
+            fold: DEFAULT_FOLD,
         })
     }
 
@@ -185,6 +223,14 @@ impl MetadataStore {
     /// `metadata::postgres`). `None` lifts the fence.
     pub fn set_fence(&self, session: Option<Vec<u8>>) {
         self.backend.set_fence(session);
+    }
+
+    /// Sets how many changes to one page make a commit rewrite the page instead of
+    /// writing loose records (at least 1). For the tests, which reach every mix of
+    /// loose and paged records with it; the layout never changes what is stored.
+    #[doc(hidden)]
+    pub fn set_fold_threshold(&mut self, changes: usize) {
+        self.fold = changes.max(1);
     }
 
     pub fn path(&self) -> &Path {
@@ -261,36 +307,65 @@ impl MetadataStore {
         self.backend.get(key).map_err(|e| self.storage(e))
     }
 
-    pub fn item(&self, id: &ItemId) -> Result<Option<ItemMeta>, MetadataError> {
-        let key = prefixed(PREFIX_ITEM, id.as_bytes());
-        match self.get(&key)? {
-            None => Ok(None),
-            Some(bytes) => ItemMeta::decode(&bytes)
-                .map(Some)
-                .map_err(|r| self.damaged(&key, r)),
+    /// The page that holds `id`'s record if it is stored: the page with the greatest
+    /// key at or below the id's (see `metadata::pages`).
+    fn page_of(&self, id: &[u8]) -> Result<Option<(Bytes, Bytes)>, MetadataError> {
+        self.check()?;
+        self.backend
+            .last_at_or_before(FIRST_PAGE, &prefixed(PREFIX_PAGE, id))
+            .map_err(|e| self.storage(e))
+    }
+
+    fn damaged_item(&self, id: &[u8], page: &[u8], reason: String) -> MetadataError {
+        MetadataError::Damaged {
+            path: self.path.clone(),
+            key: format!(
+                "item {:?} (in the item page from {:?})",
+                String::from_utf8_lossy(id),
+                String::from_utf8_lossy(page.get(1..).unwrap_or_default())
+            ),
+            reason,
         }
+    }
+
+    /// Reads `id`'s record out of its page and hands it to `read`.
+    fn with_item_record<T>(
+        &self,
+        id: &ItemId,
+        read: impl FnOnce(&[u8]) -> Result<T, String>,
+    ) -> Result<Option<T>, MetadataError> {
+        // A loose record is the item's record, whatever its page holds.
+        let loose = prefixed(PREFIX_ITEM, id.as_bytes());
+        if let Some(bytes) = self.get(&loose)? {
+            return read(&bytes).map(Some).map_err(|r| self.damaged(&loose, r));
+        }
+        let Some((page, bytes)) = self.page_of(id.as_bytes())? else {
+            return Ok(None);
+        };
+        let damaged = |r| self.damaged_item(id.as_bytes(), &page, r);
+        match find_item(&bytes, id.as_bytes()).map_err(damaged)? {
+            None => Ok(None),
+            Some(record) => read(record).map(Some).map_err(damaged),
+        }
+    }
+
+    pub fn item(&self, id: &ItemId) -> Result<Option<ItemMeta>, MetadataError> {
+        self.with_item_record(id, ItemMeta::decode)
     }
 
     /// An item's metadata and the data its record carries (built-in store), in one read.
     pub fn item_record(&self, id: &ItemId) -> Result<Option<ItemRecord>, MetadataError> {
-        let key = prefixed(PREFIX_ITEM, id.as_bytes());
-        match self.get(&key)? {
-            None => Ok(None),
-            Some(bytes) => ItemMeta::decode_with_data(&bytes)
-                .map(|(meta, data)| Some((meta, data.map(<[u8]>::to_vec))))
-                .map_err(|r| self.damaged(&key, r)),
-        }
+        self.with_item_record(id, |record| {
+            ItemMeta::decode_with_data(record).map(|(meta, data)| (meta, data.map(<[u8]>::to_vec)))
+        })
     }
 
     /// The data of an item of the built-in store (the tail of its item record).
     pub fn data(&self, id: &ItemId) -> Result<Option<Vec<u8>>, MetadataError> {
-        let key = prefixed(PREFIX_ITEM, id.as_bytes());
-        match self.get(&key)? {
-            None => Ok(None),
-            Some(bytes) => ItemMeta::decode_with_data(&bytes)
-                .map(|(_, data)| data.map(<[u8]>::to_vec))
-                .map_err(|r| self.damaged(&key, r)),
-        }
+        self.with_item_record(id, |record| {
+            ItemMeta::decode_with_data(record).map(|(_, data)| data.map(<[u8]>::to_vec))
+        })
+        .map(Option::flatten)
     }
 
     pub fn saved_conflict(&self, id: &ItemId) -> Result<Option<SavedConflict>, MetadataError> {
@@ -327,18 +402,68 @@ impl MetadataStore {
         start: &[u8],
     ) -> impl Iterator<Item = Result<(ItemId, ItemMeta), MetadataError>> + '_ {
         let from = prefixed(PREFIX_ITEM, start);
-        let poisoned = self.check().err();
-        poisoned.into_iter().map(Err).chain(
+        let loose = self
+            .backend
+            .range(Bound::Included(&from), Bound::Excluded(&[PREFIX_ITEM + 1]))
+            .map(move |entry| {
+                let (key, value) = entry.map_err(|e| self.storage(e))?;
+                let id = ItemId::new(&key[1..]).map_err(|e| self.damaged(&key, e.to_string()))?;
+                let meta = ItemMeta::decode(&value).map_err(|r| self.damaged(&key, r))?;
+                Ok((id, meta))
+            });
+        merge_by_id(loose.peekable(), self.paged_items_from(start).peekable())
+    }
+
+    /// The items that pages hold, in id order, from `start` on (loose records that
+    /// shadow some of them are not consulted).
+    fn paged_items_from(
+        &self,
+        start: &[u8],
+    ) -> impl Iterator<Item = Result<(ItemId, ItemMeta), MetadataError>> + '_ {
+        let start = start.to_vec();
+        // The scan begins at the page that holds `start`, which may begin below it.
+        let (first, failed) = match self.page_of(&start) {
+            Ok(found) => (
+                found.map_or_else(|| FIRST_PAGE.to_vec(), |(k, _)| k.to_vec()),
+                None,
+            ),
+            Err(e) => (FIRST_PAGE.to_vec(), Some(e)),
+        };
+        let pages = failed.is_none().then(|| {
             self.backend
-                .range(Bound::Included(&from), Bound::Excluded(&[PREFIX_ITEM + 1]))
-                .map(move |entry| {
-                    let (key, value) = entry.map_err(|e| self.storage(e))?;
-                    let id =
-                        ItemId::new(&key[1..]).map_err(|e| self.damaged(&key, e.to_string()))?;
-                    let meta = ItemMeta::decode(&value).map_err(|r| self.damaged(&key, r))?;
-                    Ok((id, meta))
-                }),
+                .range(Bound::Included(&first), Bound::Excluded(PAGES_END))
+        });
+        failed.into_iter().map(Err).chain(
+            pages
+                .into_iter()
+                .flatten()
+                .flat_map(move |entry| self.page_items(entry, &start)),
         )
+    }
+
+    /// The items of one page from a scan, those below `start` left out.
+    fn page_items(
+        &self,
+        entry: Result<(Bytes, Bytes), BackendError>,
+        start: &[u8],
+    ) -> Vec<Result<(ItemId, ItemMeta), MetadataError>> {
+        let (page, bytes) = match entry {
+            Ok(entry) => entry,
+            Err(e) => return vec![Err(self.storage(e))],
+        };
+        let entries = match item_entries(&bytes) {
+            Ok(entries) => entries,
+            Err(r) => return vec![Err(self.damaged(&page, r))],
+        };
+        entries
+            .into_iter()
+            .filter(|(id, _)| *id >= start)
+            .map(|(id, record)| {
+                let damaged = |r| self.damaged_item(id, &page, r);
+                let item = ItemId::new(id).map_err(|e| damaged(e.to_string()))?;
+                Ok((item, ItemMeta::decode(record).map_err(damaged)?))
+            })
+            .collect()
     }
 
     /// The ids of items whose current version `known` does not contain, in id order.
@@ -351,26 +476,70 @@ impl MetadataStore {
         let mut out = Vec::new();
         for replica in self.knowledge().replicas() {
             let from = known.min_tick(replica).saturating_add(1);
-            let start = index_key(Version::new(replica, from));
-            let end = index_key(Version::new(replica, u64::MAX));
-            for entry in self
-                .backend
-                .range(Bound::Included(&start), Bound::Included(&end))
-            {
-                let (key, value) = entry.map_err(|e| self.storage(e))?;
-                let tick = u64::from_be_bytes(
-                    key[17..25]
-                        .try_into()
-                        .map_err(|_| self.damaged(&key, "short index key".into()))?,
-                );
-                let id = ItemId::new(&value).map_err(|e| self.damaged(&key, e.to_string()))?;
+            self.index_from(replica, from, |tick, id| {
                 if !known.contains(&id, Version::new(replica, tick)) {
                     out.push(id);
                 }
-            }
+            })?;
         }
         out.sort_unstable();
         Ok(out)
+    }
+
+    /// Visits the index entries of `replica` from tick `from` on, in tick order.
+    fn index_from(
+        &self,
+        replica: ReplicaId,
+        from: u64,
+        mut visit: impl FnMut(u64, ItemId),
+    ) -> Result<(), MetadataError> {
+        // An entry is either loose or in its bucket's page, never both.
+        let mut found: Vec<(u64, ItemId)> = Vec::new();
+        let replica = replica.as_bytes();
+        let (start, end) = (
+            loose_index_key(replica, from),
+            loose_index_key(replica, u64::MAX),
+        );
+        for entry in self
+            .backend
+            .range(Bound::Included(&start), Bound::Included(&end))
+        {
+            let (key, value) = entry.map_err(|e| self.storage(e))?;
+            let tick = self.loose_index_tick(&key)?;
+            found.push((
+                tick,
+                ItemId::new(&value).map_err(|e| self.damaged(&key, e.to_string()))?,
+            ));
+        }
+        let (start, end) = (
+            index_page_key(replica, from),
+            index_page_key(replica, u64::MAX),
+        );
+        for entry in self
+            .backend
+            .range(Bound::Included(&start), Bound::Included(&end))
+        {
+            let (key, value) = entry.map_err(|e| self.storage(e))?;
+            for (tick, id) in index_entries(&value).map_err(|r| self.damaged(&key, r))? {
+                if tick >= from {
+                    let id = ItemId::new(id).map_err(|e| self.damaged(&key, e.to_string()))?;
+                    found.push((tick, id));
+                }
+            }
+        }
+        found.sort_unstable_by_key(|(tick, _)| *tick);
+        for (tick, id) in found {
+            visit(tick, id);
+        }
+        Ok(())
+    }
+
+    /// The tick of a loose index entry's key (`11 ‖ replica ‖ tick`).
+    fn loose_index_tick(&self, key: &[u8]) -> Result<u64, MetadataError> {
+        key.get(17..25)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| self.damaged(key, "an index key of 25 bytes".into()))
     }
 
     /// The pending-apply markers: writes to an external store that a commit promised and
@@ -398,16 +567,8 @@ impl MetadataStore {
         after: u64,
     ) -> Result<Vec<ItemId>, MetadataError> {
         self.check()?;
-        let start = index_key(Version::new(replica, after.saturating_add(1)));
-        let end = index_key(Version::new(replica, u64::MAX));
         let mut out = Vec::new();
-        for entry in self
-            .backend
-            .range(Bound::Included(&start), Bound::Included(&end))
-        {
-            let (key, value) = entry.map_err(|e| self.storage(e))?;
-            out.push(ItemId::new(&value).map_err(|e| self.damaged(&key, e.to_string()))?);
-        }
+        self.index_from(replica, after.saturating_add(1), |_, id| out.push(id))?;
         Ok(out)
     }
 
@@ -415,23 +576,37 @@ impl MetadataStore {
     pub fn summary(&self) -> Result<StoreSummary, MetadataError> {
         self.check()?;
         let mut s = StoreSummary::default();
+        // Counts follow what the store holds (a loose record shadows its page's entry);
+        // bytes follow what is written, stale entries included.
+        for entry in self.items_from(b"") {
+            let (_, meta) = entry?;
+            if meta.deleted {
+                s.tombstones += 1;
+            } else {
+                s.live_items += 1;
+            }
+        }
+        let data_len = |record: &[u8]| {
+            ItemMeta::decode_with_data(record).map(|(_, data)| data.map_or(0, <[u8]>::len) as u64)
+        };
         for entry in self.backend.range(Bound::Unbounded, Bound::Unbounded) {
             let (key, value) = entry.map_err(|e| self.storage(e))?;
             let bytes = (key.len() + value.len()) as u64;
             match key.first() {
                 Some(&PREFIX_ITEM) => {
-                    let (meta, data) =
-                        ItemMeta::decode_with_data(&value).map_err(|r| self.damaged(&key, r))?;
-                    if meta.deleted {
-                        s.tombstones += 1;
-                    } else {
-                        s.live_items += 1;
-                    }
-                    let data_len = data.map_or(0, <[u8]>::len) as u64;
-                    s.metadata_bytes += bytes - data_len;
-                    s.data_bytes += data_len;
+                    let data = data_len(&value).map_err(|r| self.damaged(&key, r))?;
+                    s.metadata_bytes += bytes - data;
+                    s.data_bytes += data;
                 }
-                Some(&PREFIX_INDEX) => s.metadata_bytes += bytes,
+                Some(&PREFIX_PAGE) => {
+                    let mut data = 0;
+                    for (id, record) in item_entries(&value).map_err(|r| self.damaged(&key, r))? {
+                        data += data_len(record).map_err(|r| self.damaged_item(id, &key, r))?;
+                    }
+                    s.metadata_bytes += bytes - data;
+                    s.data_bytes += data;
+                }
+                Some(&PREFIX_INDEX | &PREFIX_INDEX_PAGE) => s.metadata_bytes += bytes,
                 Some(&PREFIX_CONFLICT) => s.saved_conflicts += 1,
                 _ => {}
             }
@@ -445,6 +620,7 @@ impl MetadataStore {
             replica: self.id,
             batch: WriteBatch::default(),
             items: BTreeMap::new(),
+            index: BTreeMap::new(),
             clock: self.clock,
             knowledge: None,
             forgotten: None,
@@ -459,14 +635,14 @@ impl MetadataStore {
             replica,
             mut batch,
             items,
+            index,
             clock,
             knowledge,
             forgotten,
             new_id,
         } = commit;
-        for (id, pending) in items {
-            self.write_item_record(&mut batch, &id, pending)?;
-        }
+        self.write_item_pages(&mut batch, items)?;
+        self.write_index_pages(&mut batch, index)?;
         if clock != self.clock {
             batch.insert(KEY_CLOCK, encode(KIND_CLOCK, &clock));
         }
@@ -506,41 +682,229 @@ impl MetadataStore {
         Ok(())
     }
 
-    /// Turns one item's pending writes into one write of its record. A part the commit
-    /// keeps is read from the stored record.
-    fn write_item_record(
+    /// Turns the commit's item writes into loose records or page writes. Items come in
+    /// id order, so the items of one page arrive together. A page that gets at least
+    /// `fold` of them, or a forget (which must not leave an entry behind to show
+    /// through), is rewritten with the loose records of its range folded in; the items
+    /// of the other pages are written as loose records, which shadow their page entries.
+    fn write_item_pages(
         &self,
         batch: &mut WriteBatch,
-        id: &ItemId,
-        pending: PendingItem,
+        items: BTreeMap<ItemId, PendingItem>,
     ) -> Result<(), MetadataError> {
-        let key = prefixed(PREFIX_ITEM, id.as_bytes());
-        let stored = match (&pending.meta, &pending.data) {
-            (MetaWrite::Forget, _) => {
+        let mut groups: Vec<(OpenPage, Vec<(ItemId, PendingItem)>)> = Vec::new();
+        for (id, pending) in items {
+            let key = prefixed(PREFIX_PAGE, id.as_bytes());
+            if !groups.last().is_some_and(|(page, _)| page.holds(&key)) {
+                groups.push((self.open_page(&key)?, Vec::new()));
+            }
+            if let Some((_, group)) = groups.last_mut() {
+                group.push((id, pending));
+            }
+        }
+        for (page, group) in groups {
+            let forgets = group
+                .iter()
+                .any(|(_, p)| matches!(p.meta, MetaWrite::Forget));
+            if forgets || group.len() >= self.fold {
+                self.fold_page(batch, page, group)?;
+                continue;
+            }
+            for (id, pending) in group {
+                let loose = prefixed(PREFIX_ITEM, id.as_bytes());
+                let stored = if pending.replaces_record() {
+                    None
+                } else if let Some(bytes) = self.backend.get(&loose).map_err(|e| self.storage(e))? {
+                    Some(bytes)
+                } else {
+                    page.find(id.as_bytes())
+                        .map_err(|r| self.damaged_item(id.as_bytes(), &page.key, r))?
+                };
+                let stored = match &stored {
+                    Some(bytes) => Some(
+                        ItemMeta::decode_with_data(bytes)
+                            .map_err(|r| self.damaged_item(id.as_bytes(), &page.key, r))?,
+                    ),
+                    None => None,
+                };
+                if let Some(record) = pending.record(stored) {
+                    batch.insert(loose, record);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites one page: its entries, the loose records of its range (which are the
+    /// items' records where both exist), and the commit's writes; splits it when it
+    /// outgrows the page bounds and removes it when it is left empty.
+    fn fold_page(
+        &self,
+        batch: &mut WriteBatch,
+        page: OpenPage,
+        group: Vec<(ItemId, PendingItem)>,
+    ) -> Result<(), MetadataError> {
+        let mut entries: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        if let Some(bytes) = &page.bytes {
+            for (id, record) in item_entries(bytes).map_err(|r| self.damaged(&page.key, r))? {
+                entries.insert(id.to_vec(), record.to_vec());
+            }
+        }
+        let from = prefixed(PREFIX_ITEM, &page.key[1..]);
+        let to = match &page.upper {
+            Some(upper) => prefixed(PREFIX_ITEM, &upper[1..]),
+            None => vec![PREFIX_ITEM + 1],
+        };
+        for entry in self
+            .backend
+            .range(Bound::Included(&from), Bound::Excluded(&to))
+        {
+            let (key, record) = entry.map_err(|e| self.storage(e))?;
+            entries.insert(key[1..].to_vec(), record.to_vec());
+            batch.remove(&key);
+        }
+        for (id, pending) in group {
+            if matches!(pending.meta, MetaWrite::Forget) {
+                entries.remove(id.as_bytes());
+                continue;
+            }
+            let stored = match entries.get(id.as_bytes()) {
+                Some(bytes) if !pending.replaces_record() => Some(
+                    ItemMeta::decode_with_data(bytes)
+                        .map_err(|r| self.damaged_item(id.as_bytes(), &page.key, r))?,
+                ),
+                _ => None,
+            };
+            if let Some(record) = pending.record(stored) {
+                entries.insert(id.as_bytes().to_vec(), record);
+            }
+        }
+        if entries.is_empty() {
+            // An emptied page's range falls back to the page before it.
+            batch.remove(&page.key);
+            return Ok(());
+        }
+        let entries: Vec<(&Vec<u8>, &Vec<u8>)> = entries.iter().collect();
+        let sizes: Vec<usize> = entries.iter().map(|(i, r)| i.len() + r.len() + 4).collect();
+        let starts = split_points(&sizes);
+        for (n, &from) in starts.iter().enumerate() {
+            let to = starts.get(n + 1).copied().unwrap_or(entries.len());
+            let part = &entries[from..to];
+            // The first part keeps the page's key; the others start at their first id.
+            let part_key = if n == 0 {
+                page.key.clone()
+            } else {
+                prefixed(PREFIX_PAGE, part[0].0)
+            };
+            batch.insert(
+                part_key,
+                encode_item_page(part.iter().map(|(i, r)| (i.as_slice(), r.as_slice()))),
+            );
+        }
+        Ok(())
+    }
+
+    /// The page whose range holds `key` (an item page key): the page with the greatest
+    /// key at or below it, or the first page, which may not be stored yet.
+    fn open_page(&self, key: &[u8]) -> Result<OpenPage, MetadataError> {
+        let storage = |e| self.storage(e);
+        let (page_key, bytes) = match self
+            .backend
+            .last_at_or_before(FIRST_PAGE, key)
+            .map_err(storage)?
+        {
+            Some((k, v)) => (k.to_vec(), Some(v)),
+            None => (FIRST_PAGE.to_vec(), None),
+        };
+        let upper = self
+            .backend
+            .first_key_after(&page_key, PAGES_END)
+            .map_err(storage)?
+            .map(|k| k.to_vec());
+        Ok(OpenPage {
+            key: page_key,
+            bytes,
+            upper,
+        })
+    }
+
+    /// Applies the commit's index moves. A bucket with at least `fold` moves, or a
+    /// removal of an entry that is not loose, rewrites the bucket's page with the loose
+    /// entries of its range folded in; the other moves write or remove loose entries.
+    fn write_index_pages(
+        &self,
+        batch: &mut WriteBatch,
+        index: BTreeMap<([u8; 16], u64), Option<ItemId>>,
+    ) -> Result<(), MetadataError> {
+        let storage = |e| self.storage(e);
+        let mut by_page: BTreeMap<[u8; 25], Vec<(u64, Option<ItemId>)>> = BTreeMap::new();
+        for ((replica, tick), id) in index {
+            by_page
+                .entry(index_page_key(&replica, tick))
+                .or_default()
+                .push((tick, id));
+        }
+        for (key, moves) in by_page {
+            let mut replica = [0u8; 16];
+            replica.copy_from_slice(&key[1..17]);
+            let mut fold = moves.len() >= self.fold;
+            let mut loose = Vec::new();
+            for (tick, id) in &moves {
+                if fold {
+                    break;
+                }
+                let entry = loose_index_key(&replica, *tick);
+                match id {
+                    Some(id) => loose.push((entry, Some(id))),
+                    None if self.backend.get(&entry).map_err(storage)?.is_some() => {
+                        loose.push((entry, None))
+                    }
+                    // The entry is in the page (or nowhere): only a rewrite removes it.
+                    None => fold = true,
+                }
+            }
+            if !fold {
+                for (entry, id) in loose {
+                    match id {
+                        Some(id) => batch.insert(entry, id.as_bytes()),
+                        None => batch.remove(entry),
+                    }
+                }
+                continue;
+            }
+            let mut entries: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+            if let Some(bytes) = self.backend.get(&key).map_err(storage)? {
+                for (tick, id) in index_entries(&bytes).map_err(|r| self.damaged(&key, r))? {
+                    entries.insert(tick, id.to_vec());
+                }
+            }
+            let first_tick = moves[0].0 / INDEX_BUCKET * INDEX_BUCKET;
+            let from = loose_index_key(&replica, first_tick);
+            let to = loose_index_key(&replica, first_tick + (INDEX_BUCKET - 1));
+            for entry in self
+                .backend
+                .range(Bound::Included(&from), Bound::Included(&to))
+            {
+                let (entry_key, id) = entry.map_err(storage)?;
+                let tick = self.loose_index_tick(&entry_key)?;
+                entries.insert(tick, id.to_vec());
+                batch.remove(&entry_key);
+            }
+            for (tick, id) in moves {
+                match id {
+                    Some(id) => entries.insert(tick, id.as_bytes().to_vec()),
+                    None => entries.remove(&tick),
+                };
+            }
+            if entries.is_empty() {
                 batch.remove(key);
-                return Ok(());
+            } else {
+                batch.insert(
+                    key,
+                    encode_index_page(entries.iter().map(|(t, id)| (*t, id.as_slice()))),
+                );
             }
-            (MetaWrite::Put(_), DataWrite::Put(_) | DataWrite::Remove) => None,
-            _ => self.backend.get(&key).map_err(|e| self.storage(e))?,
-        };
-        let stored = match &stored {
-            Some(bytes) => {
-                Some(ItemMeta::decode_with_data(bytes).map_err(|r| self.damaged(&key, r))?)
-            }
-            None => None,
-        };
-        let meta = match (pending.meta, &stored) {
-            (MetaWrite::Put(meta), _) => meta,
-            (_, Some((meta, _))) => *meta,
-            // Data for an item without metadata: nothing to attach it to.
-            (_, None) => return Ok(()),
-        };
-        let data = match &pending.data {
-            DataWrite::Put(data) => Some(data.as_slice()),
-            DataWrite::Remove => None,
-            DataWrite::Keep => stored.as_ref().and_then(|(_, data)| *data),
-        };
-        batch.insert(key, meta.encode_with_data(data));
+        }
         Ok(())
     }
 
@@ -580,11 +944,58 @@ enum DataWrite {
     Remove,
 }
 
+/// An item page a commit writes into: its key, its bytes (`None`: the first page, not
+/// stored yet), and the key of the page after it, where its range ends.
+struct OpenPage {
+    key: Vec<u8>,
+    bytes: Option<Bytes>,
+    upper: Option<Vec<u8>>,
+}
+
+impl OpenPage {
+    fn holds(&self, key: &[u8]) -> bool {
+        *self.key <= *key && self.upper.as_deref().is_none_or(|upper| key < upper)
+    }
+
+    /// The record of `id` in the page as stored.
+    fn find(&self, id: &[u8]) -> Result<Option<Bytes>, String> {
+        let Some(bytes) = &self.bytes else {
+            return Ok(None);
+        };
+        Ok(find_item(bytes, id)?.map(Bytes::from))
+    }
+}
+
 /// The writes a commit makes to one item record, merged into one sled write.
 #[derive(Default)]
 struct PendingItem {
     meta: MetaWrite,
     data: DataWrite,
+}
+
+impl PendingItem {
+    /// True when the new record does not depend on the stored one.
+    fn replaces_record(&self) -> bool {
+        matches!(
+            (&self.meta, &self.data),
+            (MetaWrite::Put(_), DataWrite::Put(_) | DataWrite::Remove)
+        )
+    }
+
+    /// The item's new record given its stored one (`None`: leave it alone, which is
+    /// the case for data written to an item without metadata). Not for forgets.
+    fn record(self, stored: Option<(ItemMeta, Option<&[u8]>)>) -> Option<Vec<u8>> {
+        let meta = match (self.meta, &stored) {
+            (MetaWrite::Put(meta), _) => meta,
+            (_, Some((meta, _))) => *meta,
+            (_, None) => return None,
+        };
+        Some(match &self.data {
+            DataWrite::Put(data) => meta.encode_with_data(Some(data)),
+            DataWrite::Remove => meta.encode_with_data(None),
+            DataWrite::Keep => meta.encode_with_data(stored.and_then(|(_, data)| data)),
+        })
+    }
 }
 
 /// The writes of one atomic commit.
@@ -594,6 +1005,8 @@ pub struct Commit {
     /// Item records are written at commit time: metadata and data of one item are
     /// one key, and either part may be set by a different call.
     items: BTreeMap<ItemId, PendingItem>,
+    /// Index moves by `(replica, tick)`: `Some(id)` adds an entry, `None` removes one.
+    index: BTreeMap<([u8; 16], u64), Option<ItemId>>,
     clock: ClockRecord,
     knowledge: Option<Knowledge>,
     forgotten: Option<Knowledge>,
@@ -621,17 +1034,17 @@ impl Commit {
     pub fn put_item(&mut self, id: &ItemId, meta: &ItemMeta, old: Option<&ItemMeta>) {
         if let Some(old) = old {
             if old.version != meta.version {
-                self.batch.remove(&index_key(old.version)[..]);
+                self.index.insert(index_slot(old.version), None);
             }
         }
-        self.batch
-            .insert(&index_key(meta.version)[..], id.as_bytes());
+        self.index
+            .insert(index_slot(meta.version), Some(id.clone()));
         self.pending_item(id).meta = MetaWrite::Put(*meta);
     }
 
     /// Removes every trace of an item: metadata, data, index entry, saved conflict.
     pub fn forget_item(&mut self, id: &ItemId, old: &ItemMeta) {
-        self.batch.remove(&index_key(old.version)[..]);
+        self.index.insert(index_slot(old.version), None);
         self.batch.remove(prefixed(PREFIX_CONFLICT, id.as_bytes()));
         self.pending_item(id).meta = MetaWrite::Forget;
     }
@@ -720,6 +1133,10 @@ impl Commit {
     }
 }
 
+fn index_slot(v: Version) -> ([u8; 16], u64) {
+    (*v.replica.as_bytes(), v.tick)
+}
+
 /// The records every replica has, read when a store opens or reloads.
 struct FixedRecords {
     id: ReplicaId,
@@ -775,6 +1192,68 @@ fn read_fixed_records(backend: &dyn Backend) -> Result<FixedRecords, MetadataErr
     })
 }
 
+/// Merges the loose records and the paged ones in id order; where both hold an id, the
+/// loose record is the item's and the page's entry is stale.
+fn merge_by_id<'a>(
+    mut loose: std::iter::Peekable<impl Iterator<Item = ItemEntry> + 'a>,
+    mut paged: std::iter::Peekable<impl Iterator<Item = ItemEntry> + 'a>,
+) -> impl Iterator<Item = ItemEntry> + 'a {
+    use std::cmp::Ordering;
+    std::iter::from_fn(move || {
+        let order = match (loose.peek(), paged.peek()) {
+            (None, None) => return None,
+            (Some(Err(_)), _) | (Some(Ok(_)), None) => Ordering::Less,
+            (_, Some(Err(_))) | (None, Some(Ok(_))) => Ordering::Greater,
+            (Some(Ok((a, _))), Some(Ok((b, _)))) => a.cmp(b),
+        };
+        match order {
+            Ordering::Less => loose.next(),
+            Ordering::Greater => paged.next(),
+            Ordering::Equal => {
+                paged.next();
+                loose.next()
+            }
+        }
+    })
+}
+
+type ItemEntry = Result<(ItemId, ItemMeta), MetadataError>;
+
+/// Moves a store of format 1 to this format. Format 1 kept every item record and index
+/// entry as this format's loose records, under the same keys, and had no pages: such a
+/// store is a valid one of this format once its replica record says so. Flushed, so
+/// the store is not upgraded twice.
+fn upgrade_from_format_1(backend: &dyn Backend) -> Result<(), MetadataError> {
+    let path = PathBuf::from(backend.location());
+    let storage = |source| MetadataError::Storage {
+        path: path.clone(),
+        source,
+    };
+    let damaged = |reason: String| MetadataError::Damaged {
+        path: path.clone(),
+        key: "replica".into(),
+        reason,
+    };
+    let bytes = backend
+        .get(KEY_REPLICA)
+        .map_err(storage)?
+        .ok_or_else(|| damaged("missing".into()))?;
+    let replica: ReplicaRecord = decode(KIND_REPLICA, &bytes).map_err(damaged)?;
+    let mut batch = WriteBatch::default();
+    batch.insert(
+        KEY_REPLICA,
+        encode(
+            KIND_REPLICA,
+            &ReplicaRecord {
+                store_format: STORE_FORMAT,
+                id: replica.id,
+            },
+        ),
+    );
+    backend.apply(batch).map_err(storage)?;
+    backend.flush().map_err(storage)
+}
+
 /// Every entry under a one-byte key prefix.
 fn scan_prefix(backend: &dyn Backend, prefix: u8) -> super::backend::Scan<'_> {
     backend.range(Bound::Included(&[prefix]), Bound::Excluded(&[prefix + 1]))
@@ -802,6 +1281,8 @@ fn describe_key(key: &[u8]) -> String {
     match key.first() {
         Some(&PREFIX_ITEM) => format!("item {:?}", show(&key[1..])),
         Some(&PREFIX_INDEX) => "change index entry".into(),
+        Some(&PREFIX_PAGE) => format!("item page from {:?}", show(&key[1..])),
+        Some(&PREFIX_INDEX_PAGE) => "change index page".into(),
         Some(&PREFIX_CONFLICT) => format!("saved conflict of {:?}", show(&key[1..])),
         Some(&PREFIX_PEER) => "peer epoch record".into(),
         Some(&PREFIX_PENDING) => "pending-apply marker".into(),

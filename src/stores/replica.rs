@@ -129,6 +129,12 @@ impl Replica {
         self.clock = clock;
     }
 
+    /// See [`MetadataStore::set_fold_threshold`] (for the tests).
+    #[doc(hidden)]
+    pub fn set_fold_threshold(&mut self, changes: usize) {
+        self.metadata.set_fold_threshold(changes);
+    }
+
     fn store_error(&self, item: &ItemId, reason: String) -> StoreError {
         StoreError::ItemStore {
             replica: self.id(),
