@@ -481,7 +481,8 @@ proptest! {
     /// decoded.
     #[test]
     fn arbitrary_bodies_behind_valid_headers_are_refused_without_panic(
-        kind in prop::sample::select(vec![b'B', b'K', b'R', b'C', b'I', b'X', b'P']),
+        // ... and the metadata store's item pages ('G') and index pages ('J').
+        kind in prop::sample::select(vec![b'B', b'K', b'R', b'C', b'I', b'X', b'P', b'G', b'J']),
         body in prop::collection::vec(any::<u8>(), 0..512),
     ) {
         let mut bytes = vec![kind, 1];

@@ -220,6 +220,11 @@ fn a_replica_stored_in_postgresql_syncs_with_one_in_sled_like_any_other() -> Tes
     let name = format!("mirror_{}", uuid_suffix());
     let open_pg = || Replica::open_or_create_postgres(&conninfo, &name, format!("pg {name}"));
     let mut pg = open_pg()?;
+    // Each handle writes pages at another threshold (1: every commit rewrites pages; 8,
+    // the default: these small commits stay loose), so both layouts and loose records
+    // shadowing page entries come up in PostgreSQL.
+    let folds = [1, 2, 8];
+    pg.set_fold_threshold(folds[0]);
     let mut local = Replica::create(&dir.path().join("local"))?;
     let options = SessionOptions {
         direction: Direction::UploadAndDownload,
@@ -250,6 +255,7 @@ fn a_replica_stored_in_postgresql_syncs_with_one_in_sled_like_any_other() -> Tes
         if step % 40 == 39 {
             drop(pg);
             pg = open_pg()?;
+            pg.set_fold_threshold(folds[(step / 40 + 1) % folds.len()]);
         }
     }
     local.sync_with(&mut pg, &options, &mut NoObserver)?;

@@ -45,6 +45,14 @@ impl WriteBatch {
     }
 }
 
+/// What [`Backend::get_or_last_at_or_before`] found.
+pub enum Lookup {
+    Exact(Bytes),
+    /// The key and value of the greatest key at or below the one asked for.
+    Before(Bytes, Bytes),
+    Nothing,
+}
+
 /// Storage for one replica's records.
 pub trait Backend: Send {
     fn get(&self, key: &[u8]) -> Result<Option<Bytes>, BackendError>;
@@ -56,6 +64,22 @@ pub trait Backend: Send {
         floor: &[u8],
         key: &[u8],
     ) -> Result<Option<(Bytes, Bytes)>, BackendError>;
+    /// The value under `exact` if there is one; otherwise the entry with the greatest
+    /// key in `[floor, key]` (an item's loose record, else its page). One round trip
+    /// where a backend has round trips.
+    fn get_or_last_at_or_before(
+        &self,
+        exact: &[u8],
+        floor: &[u8],
+        key: &[u8],
+    ) -> Result<Lookup, BackendError> {
+        match self.get(exact)? {
+            Some(value) => Ok(Lookup::Exact(value)),
+            None => Ok(self
+                .last_at_or_before(floor, key)?
+                .map_or(Lookup::Nothing, |(k, v)| Lookup::Before(k, v))),
+        }
+    }
     /// The smallest key in `(key, end)`, if any (the key only: a probe for where the
     /// next page starts should not read the page).
     fn first_key_after(&self, key: &[u8], end: &[u8]) -> Result<Option<Bytes>, BackendError> {

@@ -21,7 +21,7 @@ use std::sync::Mutex;
 
 use postgres::{Client, Config, NoTls};
 
-use super::backend::{Backend, BackendError, Bytes, Scan, WriteBatch};
+use super::backend::{Backend, BackendError, Bytes, Lookup, Scan, WriteBatch};
 use super::MetadataError;
 
 /// The advisory lock key that serialises creating knit's tables ("knit" in ASCII).
@@ -159,6 +159,30 @@ impl Backend for PostgresBackend {
                 Bytes::from(r.get::<_, Vec<u8>>(1)),
             )
         }))
+    }
+
+    fn get_or_last_at_or_before(
+        &self,
+        exact: &[u8],
+        floor: &[u8],
+        key: &[u8],
+    ) -> Result<Lookup, BackendError> {
+        let rows = self.client().query(
+            "(SELECT key, value FROM knit_metadata WHERE replica = $1 AND key = $2) \
+             UNION ALL \
+             (SELECT key, value FROM knit_metadata WHERE replica = $1 \
+              AND key >= $3 AND key <= $4 ORDER BY key DESC LIMIT 1)",
+            &[&self.replica, &exact, &floor, &key],
+        )?;
+        let mut before = None;
+        for row in rows {
+            let (k, v): (Vec<u8>, Vec<u8>) = (row.get(0), row.get(1));
+            if k == exact {
+                return Ok(Lookup::Exact(Bytes::from(v)));
+            }
+            before = Some((Bytes::from(k), Bytes::from(v)));
+        }
+        Ok(before.map_or(Lookup::Nothing, |(k, v)| Lookup::Before(k, v)))
     }
 
     fn first_key_after(&self, key: &[u8], end: &[u8]) -> Result<Option<Bytes>, BackendError> {

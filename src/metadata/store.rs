@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::backend::{Backend, BackendError, Bytes, SledBackend, WriteBatch};
+use super::backend::{Backend, BackendError, Bytes, Lookup, SledBackend, WriteBatch};
 use super::pages::{
     encode_index_page, encode_item_page, find_item, index_entries, item_entries, split_points,
     INDEX_BUCKET,
@@ -335,12 +335,18 @@ impl MetadataStore {
         read: impl FnOnce(&[u8]) -> Result<T, String>,
     ) -> Result<Option<T>, MetadataError> {
         // A loose record is the item's record, whatever its page holds.
+        self.check()?;
         let loose = prefixed(PREFIX_ITEM, id.as_bytes());
-        if let Some(bytes) = self.get(&loose)? {
-            return read(&bytes).map(Some).map_err(|r| self.damaged(&loose, r));
-        }
-        let Some((page, bytes)) = self.page_of(id.as_bytes())? else {
-            return Ok(None);
+        let found = self
+            .backend
+            .get_or_last_at_or_before(&loose, FIRST_PAGE, &prefixed(PREFIX_PAGE, id.as_bytes()))
+            .map_err(|e| self.storage(e))?;
+        let (page, bytes) = match found {
+            Lookup::Exact(bytes) => {
+                return read(&bytes).map(Some).map_err(|r| self.damaged(&loose, r))
+            }
+            Lookup::Before(page, bytes) => (page, bytes),
+            Lookup::Nothing => return Ok(None),
         };
         let damaged = |r| self.damaged_item(id.as_bytes(), &page, r);
         match find_item(&bytes, id.as_bytes()).map_err(damaged)? {
