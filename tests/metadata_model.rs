@@ -698,3 +698,39 @@ fn a_store_of_format_1_opens_upgraded_with_everything_in_it() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn sorted_lookups_read_ahead_past_a_page_with_many_loose_records() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut r = Replica::create(&dir.path().join("r"))?;
+    let mut expected: BTreeMap<ItemId, Vec<u8>> = BTreeMap::new();
+    let mut put = |r: &mut Replica, k: u8, v: u8| -> TestResult {
+        r.put(&key(k), &value(v))?;
+        expected.insert(key(k), value(v));
+        Ok(())
+    };
+    // Pages for 0..100, then 150 loose records: 100..250 all in the last page's range,
+    // and every third of 0..100 again, shadowing its page entry.
+    r.set_fold_threshold(1);
+    for k in 0..100 {
+        put(&mut r, k, 0)?;
+    }
+    r.set_fold_threshold(8);
+    for k in 100..250 {
+        put(&mut r, k, 1)?;
+    }
+    for k in (0..100).step_by(3) {
+        put(&mut r, k, 2)?;
+    }
+    // Ascending lookups, as a batch makes them, then descending, then one of every
+    // five: each must see the item's record, never a stale page entry or nothing.
+    let ascending: Vec<u8> = (0..=250).collect();
+    let descending: Vec<u8> = (0..=250).rev().collect();
+    let sparse: Vec<u8> = (0..=250).step_by(5).collect();
+    for order in [ascending, descending, sparse] {
+        for k in order {
+            assert_eq!(r.get(&key(k))?, expected.get(&key(k)).cloned(), "key {k}");
+        }
+    }
+    Ok(())
+}

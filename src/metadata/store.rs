@@ -14,6 +14,7 @@ use super::sled_folder::{self, OpenError};
 use super::{ItemMeta, MetadataError, SavedConflict};
 use crate::model::{Hlc, ItemId, Knowledge, ReplicaId, Version};
 use std::ops::Bound;
+use std::sync::Mutex;
 
 /// The store layout version written in the replica record. Bump it when a key layout or
 /// a record changes meaning; `open` refuses any other value.
@@ -99,6 +100,8 @@ pub struct MetadataStore {
     poisoned: bool,
     /// See [`DEFAULT_FOLD`]; tests lower it to reach every layout.
     fold: usize,
+    /// Records near the last lookups, for the next ones (emptied by every commit).
+    nearby: Mutex<Nearby>,
 }
 
 impl MetadataStore {
@@ -175,6 +178,7 @@ impl MetadataStore {
             forgotten: fixed.forgotten,
             poisoned: false,
             fold: DEFAULT_FOLD,
+            nearby: Mutex::new(Nearby::Empty),
         })
     }
 
@@ -188,6 +192,7 @@ impl MetadataStore {
         self.stored_knowledge = fixed.knowledge;
         self.forgotten = fixed.forgotten;
         self.poisoned = false;
+        self.forget_nearby();
         Ok(())
     }
 
@@ -334,12 +339,19 @@ impl MetadataStore {
         id: &ItemId,
         read: impl FnOnce(&[u8]) -> Result<T, String>,
     ) -> Result<Option<T>, MetadataError> {
-        // A loose record is the item's record, whatever its page holds.
         self.check()?;
+        let key = prefixed(PREFIX_PAGE, id.as_bytes());
+        let mut nearby = self.nearby.lock().unwrap_or_else(|p| p.into_inner());
+        if let Nearby::Filled(records) = &*nearby {
+            if records.holds(&key) {
+                return records.read(self, id.as_bytes(), read);
+            }
+        }
+        // A loose record is the item's record, whatever its page holds.
         let loose = prefixed(PREFIX_ITEM, id.as_bytes());
         let found = self
             .backend
-            .get_or_last_at_or_before(&loose, FIRST_PAGE, &prefixed(PREFIX_PAGE, id.as_bytes()))
+            .get_or_last_at_or_before(&loose, FIRST_PAGE, &key)
             .map_err(|e| self.storage(e))?;
         let (page, bytes) = match found {
             Lookup::Exact(bytes) => {
@@ -349,10 +361,74 @@ impl MetadataStore {
             Lookup::Nothing => return Ok(None),
         };
         let damaged = |r| self.damaged_item(id.as_bytes(), &page, r);
-        match find_item(&bytes, id.as_bytes()).map_err(damaged)? {
-            None => Ok(None),
-            Some(record) => read(record).map(Some).map_err(damaged),
+        let found = match find_item(&bytes, id.as_bytes()).map_err(damaged)? {
+            None => None,
+            Some(record) => Some(read(record).map_err(damaged)?),
+        };
+        // Two lookups in a row in one page: the ids are probably a sorted batch's, so
+        // the records after this one are read once, for the lookups that follow.
+        *nearby = match &*nearby {
+            Nearby::Seen(last) if **last == *page => {
+                Nearby::Filled(self.read_nearby(key, page, bytes)?)
+            }
+            _ => Nearby::Seen(page.to_vec()),
+        };
+        Ok(found)
+    }
+
+    /// The records from `key` (an item key in page space) on, in the page that holds
+    /// it: its entries, with the loose records of its range laid over them, up to the
+    /// next page or [`NEARBY_LOOSE`] loose records, whichever comes first.
+    fn read_nearby(
+        &self,
+        key: Vec<u8>,
+        page_key: Bytes,
+        page: Bytes,
+    ) -> Result<NearbyRecords, MetadataError> {
+        let storage = |e| self.storage(e);
+        let upper = self
+            .backend
+            .first_key_after(&page_key, PAGES_END)
+            .map_err(storage)?;
+        let base = page.as_ptr() as usize;
+        let entries = item_entries(&page)
+            .map_err(|r| self.damaged(&page_key, r))?
+            .into_iter()
+            .map(|(id, record)| {
+                let (at, rec) = (id.as_ptr() as usize - base, record.as_ptr() as usize - base);
+                (at..at + id.len(), rec..rec + record.len())
+            })
+            .collect();
+        let from = prefixed(PREFIX_ITEM, &key[1..]);
+        let to = match &upper {
+            Some(upper) => prefixed(PREFIX_ITEM, &upper[1..]),
+            None => vec![PREFIX_ITEM + 1],
+        };
+        let mut loose = Vec::new();
+        let mut end = upper.map(|k| k.to_vec());
+        for entry in self
+            .backend
+            .range(Bound::Included(&from), Bound::Excluded(&to))
+        {
+            let (loose_key, record) = entry.map_err(storage)?;
+            if loose.len() == NEARBY_LOOSE {
+                end = Some(prefixed(PREFIX_PAGE, &loose_key[1..]));
+                break;
+            }
+            loose.push((loose_key[1..].to_vec(), record));
         }
+        Ok(NearbyRecords {
+            start: key,
+            end,
+            page_key: page_key.to_vec(),
+            page,
+            entries,
+            loose,
+        })
+    }
+
+    fn forget_nearby(&self) {
+        *self.nearby.lock().unwrap_or_else(|p| p.into_inner()) = Nearby::Empty;
     }
 
     pub fn item(&self, id: &ItemId) -> Result<Option<ItemMeta>, MetadataError> {
@@ -637,6 +713,7 @@ impl MetadataStore {
     /// Writes a commit as one atomic batch. On failure the handle is poisoned.
     pub fn commit(&mut self, commit: Commit) -> Result<(), MetadataError> {
         self.check()?;
+        self.forget_nearby();
         let Commit {
             replica,
             mut batch,
@@ -948,6 +1025,59 @@ enum DataWrite {
     Keep,
     Put(Vec<u8>),
     Remove,
+}
+
+/// Loose records read ahead by one lookup, at most.
+const NEARBY_LOOSE: usize = 64;
+
+/// What the store keeps in memory of its last item lookups.
+enum Nearby {
+    Empty,
+    /// The last lookup read this page.
+    Seen(Vec<u8>),
+    Filled(NearbyRecords),
+}
+
+/// The item records of the ids in `[start, end)` (keys in page space) as of the last
+/// commit: one page's entries, by byte range in the page, and the loose records of the
+/// range, which are the items' records where both exist.
+struct NearbyRecords {
+    start: Vec<u8>,
+    end: Option<Vec<u8>>,
+    page_key: Vec<u8>,
+    page: Bytes,
+    entries: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+    loose: Vec<(Vec<u8>, Bytes)>,
+}
+
+impl NearbyRecords {
+    fn holds(&self, key: &[u8]) -> bool {
+        *self.start <= *key && self.end.as_deref().is_none_or(|end| key < end)
+    }
+
+    fn read<T>(
+        &self,
+        store: &MetadataStore,
+        id: &[u8],
+        read: impl FnOnce(&[u8]) -> Result<T, String>,
+    ) -> Result<Option<T>, MetadataError> {
+        if let Ok(i) = self.loose.binary_search_by(|(l, _)| l.as_slice().cmp(id)) {
+            let key = prefixed(PREFIX_ITEM, id);
+            return read(&self.loose[i].1)
+                .map(Some)
+                .map_err(|r| store.damaged(&key, r));
+        }
+        let page = &self.page[..];
+        match self
+            .entries
+            .binary_search_by(|(at, _)| page[at.clone()].cmp(id))
+        {
+            Ok(i) => read(&page[self.entries[i].1.clone()])
+                .map(Some)
+                .map_err(|r| store.damaged_item(id, &self.page_key, r)),
+            Err(_) => Ok(None),
+        }
+    }
 }
 
 /// An item page a commit writes into: its key, its bytes (`None`: the first page, not
