@@ -112,7 +112,8 @@ pub struct SledBackend {
     pub(crate) path: std::path::PathBuf,
 }
 
-fn owned(bound: Bound<&[u8]>) -> Bound<Vec<u8>> {
+/// A bound that owns its key (scans outlive the caller's slices).
+pub(crate) fn owned(bound: Bound<&[u8]>) -> Bound<Vec<u8>> {
     match bound {
         Bound::Included(k) => Bound::Included(k.to_vec()),
         Bound::Excluded(k) => Bound::Excluded(k.to_vec()),

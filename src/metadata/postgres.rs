@@ -21,7 +21,7 @@ use std::sync::Mutex;
 
 use postgres::{Client, Config, NoTls};
 
-use super::backend::{Backend, BackendError, Bytes, Lookup, Scan, WriteBatch};
+use super::backend::{owned, Backend, BackendError, Bytes, Lookup, Scan, WriteBatch};
 use super::MetadataError;
 
 /// The advisory lock key that serialises creating knit's tables ("knit" in ASCII).
@@ -195,16 +195,8 @@ impl Backend for PostgresBackend {
     }
 
     fn range(&self, from: Bound<&[u8]>, to: Bound<&[u8]>) -> Scan<'_> {
-        let to = match to {
-            Bound::Included(k) => Bound::Included(k.to_vec()),
-            Bound::Excluded(k) => Bound::Excluded(k.to_vec()),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        let mut from = match from {
-            Bound::Included(k) => Bound::Included(k.to_vec()),
-            Bound::Excluded(k) => Bound::Excluded(k.to_vec()),
-            Bound::Unbounded => Bound::Unbounded,
-        };
+        let to = owned(to);
+        let mut from = owned(from);
         let mut buffered = std::collections::VecDeque::new();
         let mut done = false;
         Box::new(std::iter::from_fn(move || {

@@ -61,6 +61,13 @@ fn index_key(prefix: u8, replica: &[u8; 16], n: u64) -> [u8; 25] {
     key
 }
 
+/// The loose record keys `[from, to)` of the ids between two item page keys (`None`:
+/// to the end of the ids).
+fn loose_keys_between(page: &[u8], upper: Option<&[u8]>) -> (Vec<u8>, Vec<u8>) {
+    let to = upper.map_or_else(|| vec![PREFIX_ITEM + 1], |u| prefixed(PREFIX_ITEM, &u[1..]));
+    (prefixed(PREFIX_ITEM, &page[1..]), to)
+}
+
 /// A commit writes a page (folding in the loose records of its range) when it changes
 /// at least this many of the page's items or index entries; fewer go as loose records.
 /// Rewriting a 64-entry page for one item would cost more than the loose record, and
@@ -399,11 +406,7 @@ impl MetadataStore {
                 (at..at + id.len(), rec..rec + record.len())
             })
             .collect();
-        let from = prefixed(PREFIX_ITEM, &key[1..]);
-        let to = match &upper {
-            Some(upper) => prefixed(PREFIX_ITEM, &upper[1..]),
-            None => vec![PREFIX_ITEM + 1],
-        };
+        let (from, to) = loose_keys_between(&key, upper.as_deref());
         let mut loose = Vec::new();
         let mut end = upper.map(|k| k.to_vec());
         for entry in self
@@ -558,23 +561,22 @@ impl MetadataStore {
         let mut out = Vec::new();
         for replica in self.knowledge().replicas() {
             let from = known.min_tick(replica).saturating_add(1);
-            self.index_from(replica, from, |tick, id| {
+            for (tick, id) in self.index_from(replica, from)? {
                 if !known.contains(&id, Version::new(replica, tick)) {
                     out.push(id);
                 }
-            })?;
+            }
         }
         out.sort_unstable();
         Ok(out)
     }
 
-    /// Visits the index entries of `replica` from tick `from` on, in tick order.
+    /// The index entries `(tick, id)` of `replica` from tick `from` on, in tick order.
     fn index_from(
         &self,
         replica: ReplicaId,
         from: u64,
-        mut visit: impl FnMut(u64, ItemId),
-    ) -> Result<(), MetadataError> {
+    ) -> Result<Vec<(u64, ItemId)>, MetadataError> {
         // An entry is either loose or in its bucket's page, never both.
         let mut found: Vec<(u64, ItemId)> = Vec::new();
         let replica = replica.as_bytes();
@@ -610,10 +612,7 @@ impl MetadataStore {
             }
         }
         found.sort_unstable_by_key(|(tick, _)| *tick);
-        for (tick, id) in found {
-            visit(tick, id);
-        }
-        Ok(())
+        Ok(found)
     }
 
     /// The tick of a loose index entry's key (`11 ‖ replica ‖ tick`).
@@ -649,9 +648,11 @@ impl MetadataStore {
         after: u64,
     ) -> Result<Vec<ItemId>, MetadataError> {
         self.check()?;
-        let mut out = Vec::new();
-        self.index_from(replica, after.saturating_add(1), |_, id| out.push(id))?;
-        Ok(out)
+        Ok(self
+            .index_from(replica, after.saturating_add(1))?
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect())
     }
 
     /// Counts items, tombstones, conflicts and bytes with one pass over the store.
@@ -713,7 +714,6 @@ impl MetadataStore {
     /// Writes a commit as one atomic batch. On failure the handle is poisoned.
     pub fn commit(&mut self, commit: Commit) -> Result<(), MetadataError> {
         self.check()?;
-        self.forget_nearby();
         let Commit {
             replica,
             mut batch,
@@ -750,7 +750,11 @@ impl MetadataStore {
         if let Some(f) = &forgotten {
             batch.insert(KEY_FORGOTTEN, encode_knowledge_record(f));
         }
-        if let Err(e) = self.backend.apply(batch) {
+        // What lookups read ahead is stale once the batch is in (or half-tried); reads
+        // made while the commit was built above may have filled it.
+        let applied = self.backend.apply(batch);
+        self.forget_nearby();
+        if let Err(e) = applied {
             self.poisoned = true;
             return Err(self.storage(e));
         }
@@ -775,6 +779,14 @@ impl MetadataStore {
         batch: &mut WriteBatch,
         items: BTreeMap<ItemId, PendingItem>,
     ) -> Result<(), MetadataError> {
+        let forgets = items.values().any(|p| matches!(p.meta, MetaWrite::Forget));
+        if !forgets && items.len() < self.fold {
+            // No page can get `fold` of these: all of them go loose, no page is opened.
+            for (id, pending) in items {
+                self.write_loose(batch, &id, pending)?;
+            }
+            return Ok(());
+        }
         let mut groups: Vec<(OpenPage, Vec<(ItemId, PendingItem)>)> = Vec::new();
         for (id, pending) in items {
             let key = prefixed(PREFIX_PAGE, id.as_bytes());
@@ -794,26 +806,27 @@ impl MetadataStore {
                 continue;
             }
             for (id, pending) in group {
-                let loose = prefixed(PREFIX_ITEM, id.as_bytes());
-                let stored = if pending.replaces_record() {
-                    None
-                } else if let Some(bytes) = self.backend.get(&loose).map_err(|e| self.storage(e))? {
-                    Some(bytes)
-                } else {
-                    page.find(id.as_bytes())
-                        .map_err(|r| self.damaged_item(id.as_bytes(), &page.key, r))?
-                };
-                let stored = match &stored {
-                    Some(bytes) => Some(
-                        ItemMeta::decode_with_data(bytes)
-                            .map_err(|r| self.damaged_item(id.as_bytes(), &page.key, r))?,
-                    ),
-                    None => None,
-                };
-                if let Some(record) = pending.record(stored) {
-                    batch.insert(loose, record);
-                }
+                self.write_loose(batch, &id, pending)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Writes one item's new record as a loose record (which shadows its page entry).
+    fn write_loose(
+        &self,
+        batch: &mut WriteBatch,
+        id: &ItemId,
+        pending: PendingItem,
+    ) -> Result<(), MetadataError> {
+        let stored = if pending.replaces_record() {
+            None
+        } else {
+            self.item_record(id)?
+        };
+        let stored = stored.as_ref().map(|(meta, data)| (*meta, data.as_deref()));
+        if let Some(record) = pending.record(stored) {
+            batch.insert(prefixed(PREFIX_ITEM, id.as_bytes()), record);
         }
         Ok(())
     }
@@ -833,11 +846,7 @@ impl MetadataStore {
                 entries.insert(id.to_vec(), record.to_vec());
             }
         }
-        let from = prefixed(PREFIX_ITEM, &page.key[1..]);
-        let to = match &page.upper {
-            Some(upper) => prefixed(PREFIX_ITEM, &upper[1..]),
-            None => vec![PREFIX_ITEM + 1],
-        };
+        let (from, to) = loose_keys_between(&page.key, page.upper.as_deref());
         for entry in self
             .backend
             .range(Bound::Included(&from), Bound::Excluded(&to))
@@ -1091,14 +1100,6 @@ struct OpenPage {
 impl OpenPage {
     fn holds(&self, key: &[u8]) -> bool {
         *self.key <= *key && self.upper.as_deref().is_none_or(|upper| key < upper)
-    }
-
-    /// The record of `id` in the page as stored.
-    fn find(&self, id: &[u8]) -> Result<Option<Bytes>, String> {
-        let Some(bytes) = &self.bytes else {
-            return Ok(None);
-        };
-        Ok(find_item(bytes, id)?.map(Bytes::from))
     }
 }
 
