@@ -774,3 +774,55 @@ fn a_commit_that_keeps_data_is_read_back_as_written_not_as_it_was() -> TestResul
     }
     Ok(())
 }
+
+#[test]
+fn pending_marks_are_one_record_per_commit_and_clearing_keeps_the_rest() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("r");
+    {
+        let mut store = knit::MetadataStore::create(&path)?;
+        for rows in [&[&b"a"[..], b"b", b"c"][..], &[b"c", b"d"], &[b"e"]] {
+            let mut commit = store.begin();
+            for row in rows {
+                commit.mark_pending(row);
+            }
+            store.commit(commit)?;
+        }
+        let tree = store.raw_tree().ok_or("a sled store")?;
+        assert_eq!(tree.scan_prefix([0x17]).count(), 3, "one set per commit");
+        // A marker the way earlier builds wrote it, one record per row.
+        tree.insert([&[0x15][..], b"f"].concat(), &[][..])?;
+        store.flush()?;
+    }
+    let mut store = knit::MetadataStore::open(&path)?;
+    let all: Vec<&[u8]> = vec![b"a", b"b", b"c", b"d", b"e", b"f"];
+    assert_eq!(store.pending()?, all, "in order, each once");
+
+    // Clearing c, e and f: the first two sets lose c, the third goes, f's record goes.
+    let mut commit = store.begin();
+    for row in [&b"c"[..], b"e", b"f"] {
+        commit.clear_pending(row);
+    }
+    store.commit(commit)?;
+    drop(store);
+    let store = knit::MetadataStore::open(&path)?;
+    assert_eq!(store.pending()?, [&b"a"[..], b"b", b"d"]);
+    let tree = store.raw_tree().ok_or("a sled store")?;
+    assert_eq!(tree.scan_prefix([0x17]).count(), 2);
+    assert_eq!(tree.scan_prefix([0x15]).count(), 0);
+    drop(store);
+
+    // A damaged set is an error that says what it is, not a row list read wrong.
+    {
+        let store = knit::MetadataStore::open(&path)?;
+        let tree = store.raw_tree().ok_or("a sled store")?;
+        let (key, _) = tree.scan_prefix([0x17]).next().ok_or("a set")??;
+        tree.insert(key, &b"M\x01\xff\xff"[..])?;
+        tree.flush()?;
+    }
+    let err = knit::MetadataStore::open(&path)?
+        .pending()
+        .expect_err("damaged");
+    assert!(err.to_string().contains("pending-apply set"), "{err}");
+    Ok(())
+}

@@ -100,6 +100,7 @@ pub(crate) const KIND_KNOWLEDGE: u8 = b'K';
 pub(crate) const KIND_ITEM: u8 = b'I';
 pub(crate) const KIND_CONFLICT: u8 = b'X';
 pub(crate) const KIND_PEER: u8 = b'P';
+pub(crate) const KIND_PENDING_SET: u8 = b'M';
 
 fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<RECORD_LIMIT>()

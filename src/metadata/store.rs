@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
 use super::backend::{Backend, BackendError, Bytes, Lookup, SledBackend, WriteBatch};
@@ -8,7 +8,7 @@ use super::pages::{
 };
 use super::records::{
     decode, decode_knowledge_record, encode, encode_knowledge_record, ClockRecord, PeerRecord,
-    ReplicaRecord, KIND_CLOCK, KIND_PEER, KIND_REPLICA,
+    ReplicaRecord, KIND_CLOCK, KIND_PEER, KIND_PENDING_SET, KIND_REPLICA,
 };
 use super::sled_folder::{self, OpenError};
 use super::{ItemMeta, MetadataError, SavedConflict};
@@ -35,6 +35,11 @@ const PREFIX_CONFLICT: u8 = 0x13;
 const PREFIX_PEER: u8 = 0x14;
 const PREFIX_PENDING: u8 = 0x15;
 const PREFIX_OWNER: u8 = 0x16;
+/// Pending-apply sets: `17 ‖ sequence (u64 BE)`, each the list of what one commit marked
+/// pending. A single `15 ‖ what` marker per row cost one record per row to write and
+/// another to remove; a set costs one per commit. `15` markers left by earlier builds
+/// are still read and cleared.
+const PREFIX_PENDING_SET: u8 = 0x17;
 
 fn prefixed(prefix: u8, id: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(id.len() + 1);
@@ -625,14 +630,75 @@ impl MetadataStore {
 
     /// The pending-apply markers: writes to an external store that a commit promised and
     /// that may not have reached the store yet (see `Commit::mark_pending`).
+    /// In byte order, each once.
     pub fn pending(&self) -> Result<Vec<Vec<u8>>, MetadataError> {
         self.check()?;
-        let mut out = Vec::new();
+        let mut out = BTreeSet::new();
         for entry in scan_prefix(&*self.backend, PREFIX_PENDING) {
             let (key, _) = entry.map_err(|e| self.storage(e))?;
-            out.push(key[1..].to_vec());
+            out.insert(key[1..].to_vec());
         }
-        Ok(out)
+        for entry in scan_prefix(&*self.backend, PREFIX_PENDING_SET) {
+            let (key, value) = entry.map_err(|e| self.storage(e))?;
+            let set: Vec<Vec<u8>> =
+                decode(KIND_PENDING_SET, &value).map_err(|r| self.damaged(&key, r))?;
+            out.extend(set);
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// Writes the commit's pending-apply marks and clears: every stored marker and set
+    /// entry in `cleared` goes (a set left empty is removed), then `marked` becomes a
+    /// new set after the last one.
+    fn write_pending(
+        &self,
+        batch: &mut WriteBatch,
+        marked: Vec<Vec<u8>>,
+        cleared: Vec<Vec<u8>>,
+    ) -> Result<(), MetadataError> {
+        let storage = |e| self.storage(e);
+        if !cleared.is_empty() {
+            let cleared: HashSet<&[u8]> = cleared.iter().map(Vec::as_slice).collect();
+            for entry in scan_prefix(&*self.backend, PREFIX_PENDING) {
+                let (key, _) = entry.map_err(storage)?;
+                if cleared.contains(&key[1..]) {
+                    batch.remove(&key);
+                }
+            }
+            for entry in scan_prefix(&*self.backend, PREFIX_PENDING_SET) {
+                let (key, value) = entry.map_err(storage)?;
+                let set: Vec<Vec<u8>> =
+                    decode(KIND_PENDING_SET, &value).map_err(|r| self.damaged(&key, r))?;
+                let left: Vec<&Vec<u8>> = set
+                    .iter()
+                    .filter(|w| !cleared.contains(w.as_slice()))
+                    .collect();
+                if left.is_empty() {
+                    batch.remove(&key);
+                } else if left.len() < set.len() {
+                    batch.insert(&key, encode(KIND_PENDING_SET, &left));
+                }
+            }
+        }
+        if !marked.is_empty() {
+            let last = self
+                .backend
+                .last_at_or_before(&[PREFIX_PENDING_SET], &[PREFIX_PENDING_SET, 0xFF])
+                .map_err(storage)?;
+            let next = match last {
+                None => 0,
+                Some((key, _)) => key
+                    .get(1..9)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .and_then(|n| n.checked_add(1))
+                    .ok_or_else(|| self.damaged(&key, "a pending set key of 9 bytes".into()))?,
+            };
+            let mut key = vec![PREFIX_PENDING_SET];
+            key.extend_from_slice(&next.to_be_bytes());
+            batch.insert(key, encode(KIND_PENDING_SET, &marked));
+        }
+        Ok(())
     }
 
     /// The record the store's owner keeps under `name` (see `Commit::set_owner_record`).
@@ -708,6 +774,8 @@ impl MetadataStore {
             knowledge: None,
             forgotten: None,
             new_id: None,
+            marked: Vec::new(),
+            cleared: Vec::new(),
         }
     }
 
@@ -723,8 +791,11 @@ impl MetadataStore {
             knowledge,
             forgotten,
             new_id,
+            marked,
+            cleared,
         } = commit;
         self.write_item_pages(&mut batch, items)?;
+        self.write_pending(&mut batch, marked, cleared)?;
         self.write_index_pages(&mut batch, index)?;
         if clock != self.clock {
             batch.insert(KEY_CLOCK, encode(KIND_CLOCK, &clock));
@@ -1149,6 +1220,9 @@ pub struct Commit {
     forgotten: Option<Knowledge>,
     /// Set by [`Commit::rekey`]: the replica continues under this id.
     new_id: Option<ReplicaId>,
+    /// Pending-apply marks set and cleared by this commit (see `Commit::mark_pending`).
+    marked: Vec<Vec<u8>>,
+    cleared: Vec<Vec<u8>>,
 }
 
 impl Commit {
@@ -1233,8 +1307,11 @@ impl Commit {
     /// Marks `what` (for example a row of an external store) as written by this commit
     /// but not yet applied to the external store. The marker commits atomically with the
     /// metadata, so after a crash the store's owner finds it and replays the write.
+    /// A commit's marks are stored as one record, so marking costs no record per row.
     pub fn mark_pending(&mut self, what: &[u8]) {
-        self.batch.insert(prefixed(PREFIX_PENDING, what), &[][..]);
+        if self.marked.last().is_none_or(|last| last != what) {
+            self.marked.push(what.to_vec());
+        }
     }
 
     /// Keeps an opaque record for the store's owner (a datasource's change-detection
@@ -1245,7 +1322,7 @@ impl Commit {
 
     /// Removes a pending-apply marker once the external write is done.
     pub fn clear_pending(&mut self, what: &[u8]) {
-        self.batch.remove(prefixed(PREFIX_PENDING, what));
+        self.cleared.push(what.to_vec());
     }
 
     /// Records the highest session epoch seen from `peer`.
@@ -1423,6 +1500,7 @@ fn describe_key(key: &[u8]) -> String {
         Some(&PREFIX_CONFLICT) => format!("saved conflict of {:?}", show(&key[1..])),
         Some(&PREFIX_PEER) => "peer epoch record".into(),
         Some(&PREFIX_PENDING) => "pending-apply marker".into(),
+        Some(&PREFIX_PENDING_SET) => "pending-apply set".into(),
         Some(&PREFIX_OWNER) => "owner record".into(),
         _ => format!("{key:?}"),
     }
