@@ -759,7 +759,7 @@ fn upsert_rows(
             };
         if whole {
             let mut savepoint = tx.transaction()?;
-            match upsert_many(&mut savepoint, table, key, part) {
+            match upsert_many(&mut savepoint, &mut statements, table, key, part) {
                 Ok(()) => {
                     savepoint.commit()?;
                     outcomes.extend(part.iter().map(|_| RowOutcome::Written));
@@ -775,10 +775,14 @@ fn upsert_rows(
     Ok(outcomes)
 }
 
-/// One `INSERT .. VALUES (..), (..) ON CONFLICT (key) DO UPDATE` for rows that each
-/// carry every field of the table.
+/// One `INSERT .. SELECT .. FROM unnest(..) ON CONFLICT (key) DO UPDATE` for rows that
+/// each carry every field of the table. Each column's values go as one text array, so
+/// the statement's text depends on the columns alone: it is prepared and planned once
+/// per call, not once per thousand rows with a parameter and a cast per value (that
+/// took three times as long as PostgreSQL's own writing of the rows).
 fn upsert_many(
     tx: &mut Transaction<'_>,
+    statements: &mut Statements,
     table: &Table,
     key: &[String],
     rows: &[Row],
@@ -786,23 +790,27 @@ fn upsert_many(
     let Some(first) = rows.first() else {
         return Ok(());
     };
-    let columns: Vec<&String> = first.keys().collect();
-    let mut values: Vec<Option<String>> = Vec::with_capacity(rows.len() * columns.len());
-    let mut tuples = Vec::with_capacity(rows.len());
-    for row in rows {
-        let mut placeholders = Vec::with_capacity(columns.len());
-        for column in &columns {
-            values.push(table.bound(column, &row[*column]));
-            if let Some(c) = table.column(column) {
-                placeholders.push(c.parameter(values.len()));
-            }
-        }
-        tuples.push(format!("({})", placeholders.join(", ")));
-    }
+    let columns: Vec<&Column> = first.keys().filter_map(|c| table.column(c)).collect();
+    let arrays: Vec<Vec<Option<String>>> = columns
+        .iter()
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(&c.name).and_then(|v| table.bound(&c.name, v)))
+                .collect()
+        })
+        .collect();
+    let numbered = |f: &dyn Fn(usize, &Column) -> String| {
+        columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| f(i + 1, c))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let others: Vec<String> = columns
         .iter()
-        .filter(|c| !key.contains(c))
-        .map(|c| format!("{0} = EXCLUDED.{0}", quote(c)))
+        .filter(|c| !key.contains(&c.name))
+        .map(|c| format!("{0} = EXCLUDED.{0}", quote(&c.name)))
         .collect();
     let action = if others.is_empty() {
         "NOTHING".to_string()
@@ -810,17 +818,18 @@ fn upsert_many(
         format!("UPDATE SET {}", others.join(", "))
     };
     let sql = format!(
-        "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) DO {action}",
+        "INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS u({}) ON CONFLICT ({}) DO {action}",
         table.qualified,
-        columns
-            .iter()
-            .map(|c| quote(c))
-            .collect::<Vec<_>>()
-            .join(", "),
-        tuples.join(", "),
+        numbered(&|_, c| quote(&c.name)),
+        numbered(&|i, c| format!("CAST(u.v{i} AS {})", c.cast_type)),
+        numbered(&|i, _| format!("${i}::text[]")),
+        numbered(&|i, _| format!("v{i}")),
         key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", "),
     );
-    tx.execute(sql.as_str(), &as_params(&values))?;
+    let statement = prepared(tx, statements, sql)?;
+    let params: Vec<&(dyn ToSql + Sync)> =
+        arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+    tx.execute(&statement, &params)?;
     Ok(())
 }
 
