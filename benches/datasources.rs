@@ -253,17 +253,11 @@ fn postgres_figures(
     assert_eq!(landed as usize, rows);
     client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))?;
 
-    let ceiling_ms = sled_ceiling(dir, rows)?;
     let share = plain_ms / knit_ms;
     figures.insert("pg_plain_insert_ms".into(), round(plain_ms).into());
     figures.insert("pg_knit_initial_ms".into(), round(knit_ms).into());
     figures.insert("pg_knit_vs_plain".into(), round3(share).into());
     figures.insert("pg_knit_incremental_run_ms".into(), round(next_ms).into());
-    figures.insert("sled_ceiling_ms".into(), round(ceiling_ms).into());
-    figures.insert(
-        "sled_ceiling_vs_plain".into(),
-        round3(plain_ms / ceiling_ms).into(),
-    );
     println!("SQLite -> PostgreSQL, {rows} rows:");
     println!(
         "  plain batched INSERT (1,000 rows per statement)      {plain_ms:>10.1} ms  = {:>8.0} rows/s",
@@ -277,35 +271,7 @@ fn postgres_figures(
     println!(
         "  knit Incremental run after {changes} changes (detect, sync, apply) {next_ms:>9.1} ms"
     );
-    println!(
-        "  sled alone, one record + index entry per row per side {ceiling_ms:>7.1} ms  = {:>8.0} rows/s = {:.1} % of plain (the ceiling of any design that keeps one versioned record per row on each side)",
-        rows as f64 / ceiling_ms * 1000.0,
-        plain_ms / ceiling_ms * 100.0
-    );
     Ok(())
-}
-
-/// Raw sled writes of what a row costs at least when both sides keep one versioned
-/// record per row: an 80-byte record and a 24-byte index key on each of two stores,
-/// in batches of 10,000 rows, flushed.
-fn sled_ceiling(dir: &Path, rows: usize) -> Result<f64> {
-    let started = Instant::now();
-    for side in ["ceiling-source", "ceiling-destination"] {
-        let db = sled::open(dir.join(side))?;
-        for start in (0..rows).step_by(10_000) {
-            let mut batch = sled::Batch::default();
-            for id in start..(start + 10_000).min(rows) {
-                let key = format!("\x10{id:012}");
-                batch.insert(key.as_bytes(), vec![7u8; 80]);
-                let mut index = vec![0x11u8; 25];
-                index[17..25].copy_from_slice(&(id as u64).to_be_bytes());
-                batch.insert(index, key.as_bytes());
-            }
-            db.apply_batch(batch)?;
-        }
-        db.flush()?;
-    }
-    Ok(ms(started))
 }
 
 fn seed_sqlite(path: &Path, rows: usize) -> Result<()> {

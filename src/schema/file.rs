@@ -292,8 +292,8 @@ impl SchemaSet {
     }
 }
 
-/// The most rows one batch may hold: each row is several change units, and a batch
-/// holds at most `MAX_CHANGES_PER_BATCH` of them.
+/// The most rows one batch may hold: a row is one to several change units, and a batch
+/// holds at most `MAX_CHANGES_PER_BATCH` of them (a batch ends early at that limit).
 pub const MAX_BATCH_ROWS: u32 = 10_000;
 
 fn parse_strict(text: &str, file: &str) -> Result<SchemaSet, SchemaError> {

@@ -985,15 +985,12 @@ fn session_options(
     schema_source_sends: bool,
     cancel: &CancelToken,
 ) -> SessionOptions {
-    // A batch carries whole rows: a row is its existence unit and one unit per field.
-    let units_per_row = 1 + Projection::source_side(schema).units.len();
     SessionOptions {
         direction: crate::sync::Direction::Upload,
         policy: policy(schema.conflict, schema_source_sends),
         cancel: cancel.clone(),
-        batch_size: (schema.batch_size as usize)
-            .saturating_mul(units_per_row)
-            .clamp(1, crate::model::MAX_CHANGES_PER_BATCH),
+        // Counted in rows: a table replica's batches keep each row's units together.
+        batch_size: (schema.batch_size as usize).clamp(1, crate::model::MAX_CHANGES_PER_BATCH),
         ..SessionOptions::default()
     }
 }

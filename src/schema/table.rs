@@ -1,22 +1,31 @@
 //! A datasource entity as a replica of the engine, with fields as change units.
 //!
-//! Each row becomes items of its own: a row-existence unit and one unit per field, under
-//! ids `row prefix ‖ unit name` (the existence unit's name is empty, so it sorts first
-//! and a row's units are adjacent). Two replicas that edit different fields of a row
-//! concurrently therefore change different items and merge without a conflict; the same
-//! field edited on both sides is one conflict, on that field (scenario 19). The engine
-//! is unchanged: knowledge, batching, policies and recovery apply to units as to items.
+//! A row is items of its own, under ids `row prefix ‖ unit name`: a row-existence unit
+//! (the empty name, so it sorts first and a row's units are adjacent) and a unit per
+//! field that changed since the row arrived. The existence unit's data is the row as it
+//! arrived: every unit's value, a snapshot. A field's value is its own unit's while
+//! that unit is live, the snapshot's otherwise. So a row costs one item until its
+//! fields are edited (an initial load moves one item per row, not one per field), and
+//! two replicas that edit different fields of a row concurrently still change
+//! different items and merge without a conflict; the same field edited on both sides is
+//! one conflict, on that field (scenario 19). The engine is unchanged: knowledge,
+//! batching, policies and recovery apply to units as to items.
 //!
 //! Invariants:
 //! - The metadata store is the truth for what the replica holds; the datasource is
-//!   brought to it. Every commit that changes a unit from a sync also writes a
-//!   pending-apply marker for its row, in the same atomic commit; the row is then
-//!   written to the datasource (idempotently, by key) and the marker removed. A crash
-//!   in between leaves the marker, and the next open replays the write, so a half-done
-//!   apply never shows up as a local change.
-//! - Change detection compares the datasource with the units' data: a difference is a
-//!   new local version; a row that vanished becomes tombstones for all its units.
+//!   brought to it. Every commit that changes a unit from a sync also marks its row
+//!   pending, in the same atomic commit; the row is then written to the datasource
+//!   (idempotently, by key) and the mark cleared. A crash in between leaves the mark,
+//!   and the next open replays the write, so a half-done apply never shows up as a
+//!   local change.
+//! - Change detection compares the datasource with the row's values (snapshot, then
+//!   live field units): a field that differs gets a new version of its own unit; a row
+//!   that vanished becomes tombstones for all its live units; a row that comes back
+//!   after a delete gets a new snapshot and a new version of every field unit, so
+//!   that a concurrent edit of any of its fields meets it as a conflict.
 //!   Values equal as text (`36` in a CSV file, `36` in an INTEGER column) are equal.
+//! - An existence unit with empty data (stores written before snapshots) has every
+//!   field in units of its own.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -247,6 +256,50 @@ pub(crate) fn decode_value(bytes: &[u8]) -> Result<Value, String> {
     }
 }
 
+/// The first bytes of an existence unit's snapshot: `S`, then the snapshot format.
+const SNAPSHOT_HEAD: [u8; 2] = [b'S', 1];
+
+/// A row's units as an existence unit's data: [`SNAPSHOT_HEAD`], then per unit its
+/// name and its value (as [`encode_value`]), each behind a u32 LE length.
+fn encode_snapshot(units: &[(String, Value)]) -> Vec<u8> {
+    let mut out = SNAPSHOT_HEAD.to_vec();
+    for (name, value) in units {
+        let bytes = encode_value(value);
+        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    out
+}
+
+/// The units of a snapshot, into `out`. Empty data (a store written before snapshots)
+/// holds none.
+fn decode_snapshot(bytes: &[u8], out: &mut BTreeMap<String, Value>) -> Result<(), String> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    let mut rest = bytes
+        .strip_prefix(&SNAPSHOT_HEAD[..])
+        .ok_or("the row snapshot has an unknown head")?;
+    let take = |rest: &mut &[u8]| -> Result<Vec<u8>, String> {
+        let (len, tail) = rest.split_at_checked(4).ok_or("truncated row snapshot")?;
+        let len = u32::from_le_bytes(len.try_into().map_err(|_| "truncated row snapshot")?);
+        let (part, tail) = tail
+            .split_at_checked(len as usize)
+            .ok_or("truncated row snapshot")?;
+        *rest = tail;
+        Ok(part.to_vec())
+    };
+    while !rest.is_empty() {
+        let name = String::from_utf8(take(&mut rest)?)
+            .map_err(|_| "a unit name in the row snapshot is not UTF-8")?;
+        let value = decode_value(&take(&mut rest)?)?;
+        out.insert(name, value);
+    }
+    Ok(())
+}
+
 /// A list of keys (each a list of values) as bytes: counts and lengths as u32 LE.
 fn encode_keys(keys: &[Vec<Value>]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -324,6 +377,11 @@ impl ItemStore for RowUnits {
         self.inner.read(metadata, item)
     }
 
+    /// A batch keeps a row's units together, and its size counts rows.
+    fn batch_group<'a>(&self, item: &'a [u8]) -> &'a [u8] {
+        split_unit(item).map_or(item, |(prefix, _)| prefix)
+    }
+
     fn stage(
         &mut self,
         commit: &mut Commit,
@@ -364,6 +422,8 @@ pub struct TableReplica {
     /// This store's key fields, in the schema's key order.
     key: Vec<String>,
     projection: Projection,
+    /// The projection's unit names in id order, the order lookups are cheapest in.
+    unit_names: Vec<String>,
     recording: Arc<AtomicBool>,
     /// Row prefixes staged by the current session, in order (for progress).
     staged: Arc<std::sync::Mutex<StagedRows>>,
@@ -412,6 +472,13 @@ fn marks_deleted(value: &Value) -> bool {
             !matches!(t.as_str(), "" | "0" | "false" | "f" | "no" | "n")
         }
     }
+}
+
+/// A row's values as the replica holds them (see [`TableReplica::stored_row`]).
+struct StoredRow {
+    live: bool,
+    /// Unit name → value; empty for a row that is not live.
+    values: BTreeMap<String, Value>,
 }
 
 /// A row as one side holds it.
@@ -495,11 +562,15 @@ impl TableReplica {
             staged: Arc::clone(&staged),
         };
         let replica = Replica::with_parts(metadata, Box::new(units), Arc::new(SystemClock));
+        let mut unit_names: Vec<String> = projection.units.iter().map(|u| u.unit.clone()).collect();
+        unit_names.sort();
+        unit_names.dedup();
         let mut table = Self {
             replica,
             datasource,
             entity: entity.to_string(),
             key: key.to_vec(),
+            unit_names,
             projection,
             recording,
             staged,
@@ -913,43 +984,92 @@ impl TableReplica {
                 return Ok(());
             }
         };
-        let metadata = self.replica.metadata();
         let exists = unit_id(&prefix, "")?;
-        let is_new = metadata
-            .item(&exists)
-            .map_err(StoreError::from)?
-            .is_none_or(|m| m.deleted);
-        if is_new {
-            found.changes.push((exists, Some(Vec::new())));
-        }
-        let mut changed = false;
-        for (unit, value) in units {
-            let id = unit_id(&prefix, &unit)?;
-            if is_new {
-                // A row that is new (or back after a delete) holds no live unit: every
-                // unit is a change, and looking each one up would find nothing.
-                found.changes.push((id, Some(encode_value(&value))));
-                continue;
+        match self.stored_row(&prefix)? {
+            None => {
+                // The row is new here: one item, its snapshot, carries every field.
+                found.changes.push((exists, Some(encode_snapshot(&units))));
+                found.report.inserted += 1;
             }
-            let stored = metadata
-                .item_record(&id)
-                .map_err(StoreError::from)?
-                .filter(|(m, _)| !m.deleted)
-                .and_then(|(_, data)| data)
-                .map(|d| decode_value(&d))
-                .transpose()
-                .map_err(|reason| SchemaError::Table { reason })?;
-            if stored.as_ref().is_none_or(|s| !same_value(s, &value)) {
-                found.changes.push((id, Some(encode_value(&value))));
-                changed = true;
+            Some(stored) if !stored.live => {
+                // Back after a delete: a new snapshot, and a new version of every field
+                // unit, so that a concurrent edit of a field elsewhere is a conflict
+                // and not silently laid over the new row.
+                found.changes.push((exists, Some(encode_snapshot(&units))));
+                for (unit, value) in units {
+                    found
+                        .changes
+                        .push((unit_id(&prefix, &unit)?, Some(encode_value(&value))));
+                }
+                found.report.inserted += 1;
             }
-        }
-        if is_new {
-            found.report.inserted += 1;
-        } else if changed {
-            found.report.updated += 1;
+            Some(stored) => {
+                let mut changed = false;
+                for (unit, value) in units {
+                    if stored
+                        .values
+                        .get(&unit)
+                        .is_none_or(|s| !same_value(s, &value))
+                    {
+                        found
+                            .changes
+                            .push((unit_id(&prefix, &unit)?, Some(encode_value(&value))));
+                        changed = true;
+                    }
+                }
+                if changed {
+                    found.report.updated += 1;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// The row with this prefix as the replica holds it: `None` when it holds nothing
+    /// of it; for a live row, each field's value (its unit's while live, else the
+    /// snapshot's). Looks units up in id order, which the store answers from memory
+    /// after the first few.
+    fn stored_row(&self, prefix: &[u8]) -> Result<Option<StoredRow>, SchemaError> {
+        let metadata = self.replica.metadata();
+        let damaged = |unit: &str, reason: String| SchemaError::Table {
+            reason: format!(
+                "entity {}, row {:?}{}: {reason}",
+                self.entity,
+                key_of_prefix(prefix),
+                if unit.is_empty() {
+                    String::new()
+                } else {
+                    format!(", field {unit}")
+                }
+            ),
+        };
+        let Some((meta, data)) = metadata
+            .item_record(&unit_id(prefix, "")?)
+            .map_err(StoreError::from)?
+        else {
+            return Ok(None);
+        };
+        let mut values = BTreeMap::new();
+        if meta.deleted {
+            return Ok(Some(StoredRow {
+                live: false,
+                values,
+            }));
+        }
+        decode_snapshot(data.as_deref().unwrap_or_default(), &mut values)
+            .map_err(|reason| damaged("", reason))?;
+        for unit in &self.unit_names {
+            let record = metadata
+                .item_record(&unit_id(prefix, unit)?)
+                .map_err(StoreError::from)?;
+            if let Some((meta, Some(data))) = record {
+                if !meta.deleted {
+                    let value = decode_value(&data).map_err(|reason| damaged(unit, reason))?;
+                    values.insert(unit.clone(), value);
+                }
+            }
+        }
+        Ok(Some(StoredRow { live: true, values }))
     }
 
     /// Tombstones for every live unit of a row that is absent (gone, filtered out or
@@ -1095,31 +1215,13 @@ impl TableReplica {
                 .cloned()
                 .zip(key_text.into_iter().map(Value::Text))
                 .collect();
-            let exists = unit_id(prefix, "")?;
-            let live = self
-                .replica
-                .metadata()
-                .item(&exists)
-                .map_err(StoreError::from)?
-                .is_some_and(|m| !m.deleted);
-            if !live {
-                deletes.push((prefix.clone(), key_row));
-                continue;
-            }
-            let mut units: BTreeMap<String, Value> = BTreeMap::new();
-            for rule in &self.projection.units {
-                let id = unit_id(prefix, &rule.unit)?;
-                let data = self
-                    .replica
-                    .metadata()
-                    .data(&id)
-                    .map_err(StoreError::from)?;
-                if let Some(data) = data {
-                    let value =
-                        decode_value(&data).map_err(|reason| SchemaError::Table { reason })?;
-                    units.insert(rule.unit.clone(), value);
+            let units = match self.stored_row(prefix)? {
+                Some(row) if row.live => row.values,
+                _ => {
+                    deletes.push((prefix.clone(), key_row));
+                    continue;
                 }
-            }
+            };
             match self.projection.write(&units) {
                 Ok(row) => {
                     // Typed values from the units win over the prefix's key text.

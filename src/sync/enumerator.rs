@@ -84,6 +84,41 @@ fn change_bytes(change: &ItemChange) -> usize {
     change.item.as_bytes().len() + change.data.as_ref().map_or(0, Vec::len)
 }
 
+/// How full a batch being built is: groups of items (see [`ItemStore::batch_group`])
+/// and bytes of data.
+#[derive(Default)]
+struct BatchSize {
+    groups: usize,
+    last_group: Option<Vec<u8>>,
+    bytes: usize,
+}
+
+impl BatchSize {
+    /// Whether `id` goes into the batch: always when it continues the group of the
+    /// item before it (a batch ends only between groups), else while the batch is
+    /// below `batch_size` groups and its soft byte limit. The format's entry limit
+    /// holds in every case.
+    fn takes(&self, items: &dyn ItemStore, id: &ItemId, batch_size: usize, entries: usize) -> bool {
+        if entries >= crate::model::MAX_CHANGES_PER_BATCH {
+            return false;
+        }
+        let same_group = self
+            .last_group
+            .as_deref()
+            .is_some_and(|g| g == items.batch_group(id.as_bytes()));
+        same_group || (self.groups < batch_size && self.bytes < BATCH_BYTES_SOFT)
+    }
+
+    /// `id` went into the batch.
+    fn count(&mut self, items: &dyn ItemStore, id: &ItemId) {
+        let group = items.batch_group(id.as_bytes());
+        if self.last_group.as_deref() != Some(group) {
+            self.groups += 1;
+            self.last_group = Some(group.to_vec());
+        }
+    }
+}
+
 /// Builds the next batch for `request`.
 pub fn change_batch(
     metadata: &MetadataStore,
@@ -97,12 +132,18 @@ pub fn change_batch(
     let known = request.destination_knowledge;
     let candidates = &Enumeration::of(metadata, cache, known)?.candidates;
     let mut next = candidates.partition_point(|id| id.as_bytes() < request.start);
-    let (mut changes, mut excluded, mut bytes) = (Vec::new(), Vec::new(), 0usize);
-    while next < candidates.len()
-        && changes.len() + excluded.len() < request.batch_size
-        && bytes < BATCH_BYTES_SOFT
-    {
+    let (mut changes, mut excluded) = (Vec::new(), Vec::new());
+    let mut size = BatchSize::default();
+    while next < candidates.len() {
         let id = &candidates[next];
+        if !size.takes(
+            items,
+            id,
+            request.batch_size,
+            changes.len() + excluded.len(),
+        ) {
+            break;
+        }
         next += 1;
         let Some((meta, record_data)) = metadata.item_record(id)? else {
             continue;
@@ -110,9 +151,10 @@ pub fn change_batch(
         if known.contains(id, meta.version) {
             continue;
         }
+        size.count(items, id);
         match item_change(items, metadata, id, &meta, record_data) {
             Some(change) => {
-                bytes += change_bytes(&change);
+                size.bytes += change_bytes(&change);
                 changes.push(change);
             }
             None => excluded.push(id.clone()),
@@ -139,14 +181,18 @@ fn full_enumeration_batch(
 ) -> Result<ChangeBatch, SyncError> {
     let known = request.destination_knowledge;
     let (mut changes, mut present, mut excluded) = (Vec::new(), Vec::new(), Vec::new());
-    let mut bytes = 0usize;
+    let mut size = BatchSize::default();
     let mut last: Option<ItemId> = None;
-    let mut entries = metadata.items_from(request.start).peekable();
-    while changes.len() + present.len() + excluded.len() < request.batch_size
-        && bytes < BATCH_BYTES_SOFT
-    {
-        let Some(entry) = entries.next() else { break };
+    // The first entry that does not fit is read, and left for the next batch.
+    let mut is_last = true;
+    for entry in metadata.items_from(request.start) {
         let (id, meta) = entry?;
+        let entries = changes.len() + present.len() + excluded.len();
+        if !size.takes(items, &id, request.batch_size, entries) {
+            is_last = false;
+            break;
+        }
+        size.count(items, &id);
         if known.contains(&id, meta.version) {
             present.push(id.clone());
         } else {
@@ -157,7 +203,7 @@ fn full_enumeration_batch(
             };
             match item_change(items, metadata, &id, &meta, record_data) {
                 Some(change) => {
-                    bytes += change_bytes(&change);
+                    size.bytes += change_bytes(&change);
                     changes.push(change);
                 }
                 None => excluded.push(id.clone()),
@@ -165,7 +211,6 @@ fn full_enumeration_batch(
         }
         last = Some(id);
     }
-    let is_last = entries.peek().is_none();
     let end = match (&last, is_last) {
         (Some(id), false) => Some(id.successor_bytes()),
         _ => None,

@@ -188,6 +188,13 @@ pub trait ItemStore: Send {
     }
     /// The current data of an item, `None` if the store holds none.
     fn read(&self, metadata: &MetadataStore, item: &ItemId) -> Result<Option<Vec<u8>>, String>;
+    /// The part of an item's id that names what a batch keeps whole (a table row, for
+    /// a table replica's units). A batch counts these groups against its size and ends
+    /// only between two of them, so the destination never commits part of a group.
+    /// The default: every item is a group of its own.
+    fn batch_group<'a>(&self, item: &'a [u8]) -> &'a [u8] {
+        item
+    }
     /// Writes an item's new data (`None`: delete it) as part of `commit`. An error fails
     /// this item only: it is reported, not learned, and sent again next session.
     fn stage(
