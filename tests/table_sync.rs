@@ -330,6 +330,8 @@ fn a_row_deleted_in_the_csv_file_leaves_the_sqlite_table() -> TestResult {
 struct Flaky {
     inner: Box<dyn Datasource>,
     down: Arc<AtomicBool>,
+    /// Upsert calls that succeed before the datasource goes down by itself.
+    calls_left: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Datasource for Flaky {
@@ -355,6 +357,9 @@ impl Datasource for Flaky {
         key: &[String],
         rows: &[Row],
     ) -> Result<Vec<RowOutcome>, DatasourceError> {
+        if self.calls_left.fetch_sub(1, Ordering::SeqCst) <= 0 {
+            self.down.store(true, Ordering::SeqCst);
+        }
         if self.down.load(Ordering::SeqCst) {
             return Err(DatasourceError::Unavailable {
                 datasource: self.name().to_string(),
@@ -381,6 +386,7 @@ fn a_crash_between_metadata_and_datasource_is_repaired_at_the_next_open() -> Tes
     let flaky = Flaky {
         inner: stores.csv()?,
         down: Arc::clone(&down),
+        calls_left: Arc::new(i64::MAX.into()),
     };
     let mut b = stores.table("b-state", Box::new(flaky))?;
     a.detect_full()?;
@@ -405,6 +411,35 @@ fn a_crash_between_metadata_and_datasource_is_repaired_at_the_next_open() -> Tes
     for stats in [report.upload, report.download].into_iter().flatten() {
         assert_eq!(stats.changes_sent, 0);
     }
+    Ok(())
+}
+
+#[test]
+fn a_datasource_that_fails_during_a_session_keeps_the_rows_it_did_not_take_pending() -> TestResult {
+    let stores = Stores::new()?;
+    let mut a = stores.table("a-state", stores.sqlite()?)?;
+    // One batch per row; the file takes the first batch's row, then goes down.
+    let flaky = Flaky {
+        inner: stores.csv()?,
+        down: Arc::new(AtomicBool::new(false)),
+        calls_left: Arc::new(1.into()),
+    };
+    let mut b = stores.table("b-state", Box::new(flaky))?;
+    a.detect_full()?;
+    let options = SessionOptions {
+        batch_size: 1,
+        ..lww()
+    };
+    let failed = a.send_to(&mut b, &options, &mut NoObserver);
+    assert!(failed.is_err(), "the second write failed: {failed:?}");
+    assert_eq!(rows(&mut *stores.csv()?)?.len(), 1, "the first row arrived");
+    drop(b);
+
+    // The next open writes the two rows still pending, and only those: the first
+    // row's mark went when the file took it.
+    let b = stores.table("b-state", stores.csv()?)?;
+    assert_eq!(b.recovered().upserted, 2);
+    assert_eq!(rows(&mut *stores.csv()?)?, rows(&mut *stores.sqlite()?)?);
     Ok(())
 }
 

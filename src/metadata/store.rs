@@ -370,7 +370,17 @@ impl MetadataStore {
                 return read(&bytes).map(Some).map_err(|r| self.damaged(&loose, r))
             }
             Lookup::Before(page, bytes) => (page, bytes),
-            Lookup::Nothing => return Ok(None),
+            Lookup::Nothing => {
+                // No page at or below: two such lookups in a row (a sorted batch of new
+                // ids, an empty store) read the loose records up to the next page once.
+                *nearby = match &*nearby {
+                    Nearby::Seen(last) if last.is_empty() => {
+                        Nearby::Filled(self.read_nearby(key, None)?)
+                    }
+                    _ => Nearby::Seen(Vec::new()),
+                };
+                return Ok(None);
+            }
         };
         let damaged = |r| self.damaged_item(id.as_bytes(), &page, r);
         let found = match find_item(&bytes, id.as_bytes()).map_err(damaged)? {
@@ -381,7 +391,7 @@ impl MetadataStore {
         // the records after this one are read once, for the lookups that follow.
         *nearby = match &*nearby {
             Nearby::Seen(last) if **last == *page => {
-                Nearby::Filled(self.read_nearby(key, page, bytes)?)
+                Nearby::Filled(self.read_nearby(key, Some((page, bytes)))?)
             }
             _ => Nearby::Seen(page.to_vec()),
         };
@@ -389,28 +399,36 @@ impl MetadataStore {
     }
 
     /// The records from `key` (an item key in page space) on, in the page that holds
-    /// it: its entries, with the loose records of its range laid over them, up to the
-    /// next page or [`NEARBY_LOOSE`] loose records, whichever comes first.
+    /// it (`None`: no page does): its entries, with the loose records of its range laid
+    /// over them, up to the next page or [`NEARBY_LOOSE`] loose records, whichever
+    /// comes first.
     fn read_nearby(
         &self,
         key: Vec<u8>,
-        page_key: Bytes,
-        page: Bytes,
+        page: Option<(Bytes, Bytes)>,
     ) -> Result<NearbyRecords, MetadataError> {
         let storage = |e| self.storage(e);
+        let has_page = page.is_some();
+        // Without a page, none lies at or below `key`: the next one is above it.
+        let (page_key, page) =
+            page.unwrap_or_else(|| (Bytes::from(&key[..]), Bytes::from(&[][..])));
         let upper = self
             .backend
             .first_key_after(&page_key, PAGES_END)
             .map_err(storage)?;
         let base = page.as_ptr() as usize;
-        let entries = item_entries(&page)
-            .map_err(|r| self.damaged(&page_key, r))?
-            .into_iter()
-            .map(|(id, record)| {
-                let (at, rec) = (id.as_ptr() as usize - base, record.as_ptr() as usize - base);
-                (at..at + id.len(), rec..rec + record.len())
-            })
-            .collect();
+        let entries = if has_page {
+            item_entries(&page)
+                .map_err(|r| self.damaged(&page_key, r))?
+                .into_iter()
+                .map(|(id, record)| {
+                    let (at, rec) = (id.as_ptr() as usize - base, record.as_ptr() as usize - base);
+                    (at..at + id.len(), rec..rec + record.len())
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let (from, to) = loose_keys_between(&key, upper.as_deref());
         let mut loose = Vec::new();
         let mut end = upper.map(|k| k.to_vec());

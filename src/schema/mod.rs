@@ -36,6 +36,7 @@ mod history;
 mod manager;
 mod model;
 mod projection;
+mod rows;
 mod run;
 mod suggest;
 mod table;
@@ -52,11 +53,12 @@ pub use model::{
     SyncType,
 };
 pub use projection::{Projection, UnitError, UnitRule};
+pub use rows::ApplyReport;
 pub use run::{
     run_schema, sync, ConflictType, DatasourceKind, Datasources, RowConflict, RowError, RunPhase,
     RunProgress, RunReport, Winner,
 };
-pub use table::{ApplyReport, DetectMode, DetectReport, Detection, RowFailure, TableReplica};
+pub use table::{DetectMode, DetectReport, Detection, RowFailure, TableReplica};
 pub use transform::{Transform, TransformError};
 pub use validate::validate;
 pub use watermark::Anchor;

@@ -34,14 +34,13 @@ use std::sync::Arc;
 
 use crate::metadata::{Commit, MetadataStore};
 use crate::model::ItemId;
-use crate::stores::{
-    Datasource, FieldType, Replica, Row, RowOutcome, SledItems, StoreError, Value,
-};
+use crate::stores::{Datasource, Replica, Row, SledItems, StoreError, Value};
 use crate::sync::{
     ItemStore, NoObserver, SessionOptions, SessionStats, SyncObserver, SyncReport, SystemClock,
 };
 
-use super::watermark::{lower_bound, utc_now_text, Anchor};
+use super::rows::{ApplyReport, RowShape, RowWrites, SoftDelete, Written};
+use super::watermark::{lower_bound, Anchor};
 use super::{Projection, SchemaError};
 
 /// The owner record that holds this side's Incremental anchor.
@@ -127,16 +126,6 @@ struct Findings<'a> {
     retry: Vec<Vec<Value>>,
 }
 
-/// What writing synced rows into the datasource did.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ApplyReport {
-    pub upserted: u64,
-    pub deleted: u64,
-    /// Rows the datasource refused, by key, with its message. They stay pending and are
-    /// tried again at the next apply.
-    pub refused: Vec<(Vec<String>, String)>,
-}
-
 // ---- ids and values -------------------------------------------------------------------
 
 /// Escapes a key part so that `00 01` can separate parts and `00 00` end the key,
@@ -200,7 +189,7 @@ pub(crate) fn split_unit(id: &[u8]) -> Option<(&[u8], &[u8])> {
     None
 }
 
-fn unit_id(prefix: &[u8], unit: &str) -> Result<ItemId, SchemaError> {
+pub(super) fn unit_id(prefix: &[u8], unit: &str) -> Result<ItemId, SchemaError> {
     let mut id = prefix.to_vec();
     id.extend_from_slice(unit.as_bytes());
     ItemId::new(&id).map_err(|e| SchemaError::Table {
@@ -275,7 +264,10 @@ fn encode_snapshot(units: &[(String, Value)]) -> Vec<u8> {
 
 /// The units of a snapshot, into `out`. Empty data (a store written before snapshots)
 /// holds none.
-fn decode_snapshot(bytes: &[u8], out: &mut BTreeMap<String, Value>) -> Result<(), String> {
+pub(super) fn decode_snapshot(
+    bytes: &[u8],
+    out: &mut BTreeMap<String, Value>,
+) -> Result<(), String> {
     if bytes.is_empty() {
         return Ok(());
     }
@@ -364,6 +356,8 @@ fn same_value(a: &Value, b: &Value) -> bool {
 /// marks every row whose units it writes as pending for the datasource.
 struct RowUnits {
     inner: SledItems,
+    shape: Arc<RowShape>,
+    writer: RowWriter,
     recording: Arc<AtomicBool>,
     staged: Arc<std::sync::Mutex<StagedRows>>,
 }
@@ -400,6 +394,9 @@ impl ItemStore for RowUnits {
                 if first {
                     staged.last = prefix.to_vec();
                     staged.count += 1;
+                    if staged.forward {
+                        staged.fresh.push(prefix.to_vec());
+                    }
                 }
                 first
             });
@@ -409,7 +406,36 @@ impl ItemStore for RowUnits {
         }
         Ok(())
     }
+
+    /// Hands the rows of the batch just committed to the session's writer, if it has
+    /// one. A row that cannot be read here stays pending: the apply after the session
+    /// reads it again and reports why.
+    fn committed(&mut self, metadata: &MetadataStore) {
+        let fresh = match self.staged.lock() {
+            Ok(mut staged) => std::mem::take(&mut staged.fresh),
+            Err(_) => return,
+        };
+        if fresh.is_empty() {
+            return;
+        }
+        let Ok(writer) = self.writer.lock() else {
+            return;
+        };
+        if let (Some(sender), Ok(writes)) =
+            (writer.as_ref(), self.shape.read_rows(metadata, &fresh))
+        {
+            // A writer that stopped (its datasource failed) leaves the rows pending.
+            let _ = sender.send(writes);
+        }
+    }
 }
+
+/// Where a session's rows go to be written while it runs: `None` outside `send_to`.
+type RowWriter = Arc<std::sync::Mutex<Option<std::sync::mpsc::SyncSender<RowWrites>>>>;
+
+/// Batches of rows read and not yet written, at most: a session that runs ahead of its
+/// writer waits for it rather than holding the whole sync in memory.
+const WRITER_QUEUE: usize = 4;
 
 // ---- the table replica ----------------------------------------------------------------
 
@@ -418,46 +444,15 @@ impl ItemStore for RowUnits {
 pub struct TableReplica {
     replica: Replica,
     datasource: Box<dyn Datasource>,
-    entity: String,
-    /// This store's key fields, in the schema's key order.
-    key: Vec<String>,
-    projection: Projection,
-    /// The projection's unit names in id order, the order lookups are cheapest in.
-    unit_names: Vec<String>,
+    shape: Arc<RowShape>,
     recording: Arc<AtomicBool>,
     /// Row prefixes staged by the current session, in order (for progress).
     staged: Arc<std::sync::Mutex<StagedRows>>,
     modified_at: Option<String>,
-    soft_delete: Option<SoftDelete>,
+    /// While a session runs: where its batches' rows go to be written (see `send_to`).
+    writer: RowWriter,
     /// What the apply at open (the retry of pending rows) did.
     recovered: ApplyReport,
-}
-
-/// A tombstone column: the value that marks a row deleted and the one that clears it.
-#[derive(Clone, Debug)]
-struct SoftDelete {
-    field: String,
-    field_type: FieldType,
-}
-
-impl SoftDelete {
-    fn deleted_value(&self) -> Value {
-        match self.field_type {
-            FieldType::Bool => Value::Bool(true),
-            FieldType::Int => Value::Int(1),
-            FieldType::Float => Value::Float(1.0),
-            FieldType::Text => Value::Text(utc_now_text()),
-        }
-    }
-
-    fn live_value(&self) -> Value {
-        match self.field_type {
-            FieldType::Bool => Value::Bool(false),
-            FieldType::Int => Value::Int(0),
-            FieldType::Float => Value::Float(0.0),
-            FieldType::Text => Value::Null,
-        }
-    }
 }
 
 /// Whether a tombstone column's value marks its row deleted.
@@ -472,13 +467,6 @@ fn marks_deleted(value: &Value) -> bool {
             !matches!(t.as_str(), "" | "0" | "false" | "f" | "no" | "n")
         }
     }
-}
-
-/// A row's values as the replica holds them (see [`TableReplica::stored_row`]).
-struct StoredRow {
-    live: bool,
-    /// Unit name → value; empty for a row that is not live.
-    values: BTreeMap<String, Value>,
 }
 
 /// A row as one side holds it.
@@ -502,6 +490,10 @@ impl StagedCounter {
 pub(crate) struct StagedRows {
     last: Vec<u8>,
     pub(crate) count: u64,
+    /// Whether rows are handed to a writer as their batches commit (`send_to`).
+    forward: bool,
+    /// Rows staged since the last commit, for the writer.
+    fresh: Vec<Vec<u8>>,
 }
 
 impl TableReplica {
@@ -556,26 +548,24 @@ impl TableReplica {
         };
         let recording = Arc::new(AtomicBool::new(false));
         let staged = Arc::new(std::sync::Mutex::new(StagedRows::default()));
+        let shape = Arc::new(RowShape::new(entity, key, projection, soft_delete));
+        let writer = RowWriter::default();
         let units = RowUnits {
             inner: SledItems,
+            shape: Arc::clone(&shape),
+            writer: Arc::clone(&writer),
             recording: Arc::clone(&recording),
             staged: Arc::clone(&staged),
         };
         let replica = Replica::with_parts(metadata, Box::new(units), Arc::new(SystemClock));
-        let mut unit_names: Vec<String> = projection.units.iter().map(|u| u.unit.clone()).collect();
-        unit_names.sort();
-        unit_names.dedup();
         let mut table = Self {
             replica,
             datasource,
-            entity: entity.to_string(),
-            key: key.to_vec(),
-            unit_names,
-            projection,
+            shape,
             recording,
             staged,
             modified_at,
-            soft_delete,
+            writer,
             recovered: ApplyReport::default(),
         };
         table.recovered = table.apply_pending()?;
@@ -762,8 +752,9 @@ impl TableReplica {
                 // changes during the read is read again next time.
                 let tracking = match self.modified_at {
                     None => {
-                        self.datasource.install_tracking(&self.entity, &self.key)?;
-                        Some(self.datasource.tracking_anchor(&self.entity)?)
+                        self.datasource
+                            .install_tracking(&self.shape.entity, &self.shape.key)?;
+                        Some(self.datasource.tracking_anchor(&self.shape.entity)?)
                     }
                     Some(_) => None,
                 };
@@ -778,12 +769,12 @@ impl TableReplica {
                 let mut wanted: BTreeSet<Vec<u8>> = BTreeSet::new();
                 for values in self.stored_retry()? {
                     if wanted.insert(row_prefix(&values)) {
-                        keys.push(self.key.iter().cloned().zip(values).collect());
+                        keys.push(self.shape.key.iter().cloned().zip(values).collect());
                     }
                 }
-                let key = self.key.clone();
+                let key = self.shape.key.clone();
                 let next = self.datasource.tracked_changes(
-                    &self.entity,
+                    &self.shape.entity,
                     &key,
                     since,
                     i64::try_from(lookback.saturating_mul(1000)).unwrap_or(i64::MAX),
@@ -799,11 +790,15 @@ impl TableReplica {
                     },
                 )?;
                 let mut rows = Vec::new();
-                self.datasource
-                    .read_keys(&self.entity, &self.key, &keys, &mut |row| {
+                self.datasource.read_keys(
+                    &self.shape.entity,
+                    &self.shape.key,
+                    &keys,
+                    &mut |row| {
                         rows.push(row);
                         Ok(())
-                    })?;
+                    },
+                )?;
                 for row in rows {
                     self.consider_row(row, &mut found)?;
                 }
@@ -820,13 +815,13 @@ impl TableReplica {
                     reason: format!(
                         "entity {}: the stored anchor is a modified-at watermark but the \
                          schema names no modified_at column; run Full once",
-                        self.entity
+                        self.shape.entity
                     ),
                 })?;
                 let lower = lower_bound(&watermark, lookback);
                 let mut rows = Vec::new();
                 self.datasource
-                    .scan_since(&self.entity, &column, &lower, &mut |row| {
+                    .scan_since(&self.shape.entity, &column, &lower, &mut |row| {
                         rows.push(row);
                         Ok(())
                     })?;
@@ -834,14 +829,18 @@ impl TableReplica {
                 let retry: Vec<Row> = self
                     .stored_retry()?
                     .into_iter()
-                    .map(|values| self.key.iter().cloned().zip(values).collect())
+                    .map(|values| self.shape.key.iter().cloned().zip(values).collect())
                     .collect();
                 if !retry.is_empty() {
-                    self.datasource
-                        .read_keys(&self.entity, &self.key, &retry, &mut |row| {
+                    self.datasource.read_keys(
+                        &self.shape.entity,
+                        &self.shape.key,
+                        &retry,
+                        &mut |row| {
                             rows.push(row);
                             Ok(())
-                        })?;
+                        },
+                    )?;
                 }
                 let mut highest = Some(watermark);
                 for row in rows {
@@ -876,7 +875,7 @@ impl TableReplica {
         match bytes {
             None => Ok(Vec::new()),
             Some(b) => decode_keys(&b).map_err(|reason| SchemaError::Table {
-                reason: format!("entity {}: the retry list: {reason}", self.entity),
+                reason: format!("entity {}: the retry list: {reason}", self.shape.entity),
             }),
         }
     }
@@ -891,7 +890,7 @@ impl TableReplica {
             .map(|b| Anchor::decode(&b))
             .transpose()
             .map_err(|reason| SchemaError::Table {
-                reason: format!("entity {}: {reason}", self.entity),
+                reason: format!("entity {}: {reason}", self.shape.entity),
             })
     }
 
@@ -904,7 +903,7 @@ impl TableReplica {
     ) -> Result<Option<Value>, SchemaError> {
         let mut rows: Vec<Row> = Vec::new();
         self.datasource
-            .scan(&self.entity, &mut |row| {
+            .scan(&self.shape.entity, &mut |row| {
                 rows.push(row);
                 Ok(())
             })
@@ -943,12 +942,19 @@ impl TableReplica {
             (found.observe)(found.report.rows_read);
         }
         let key_values: Vec<Value> = self
+            .shape
             .key
             .iter()
             .map(|k| row.get(k).cloned().unwrap_or(Value::Null))
             .collect();
         let key_text: Vec<String> = key_values.iter().map(Value::to_text).collect();
-        if let Some(missing) = self.key.iter().zip(&key_values).find(|(_, v)| v.is_null()) {
+        if let Some(missing) = self
+            .shape
+            .key
+            .iter()
+            .zip(&key_values)
+            .find(|(_, v)| v.is_null())
+        {
             found.report.failed.push(RowFailure {
                 key: key_text,
                 field: missing.0.clone(),
@@ -961,18 +967,19 @@ impl TableReplica {
             return Ok(());
         }
         let soft_deleted = self
+            .shape
             .soft_delete
             .as_ref()
             .and_then(|s| row.get(&s.field))
             .is_some_and(marks_deleted);
-        if soft_deleted || !self.projection.matches(&row) {
+        if soft_deleted || !self.shape.projection.matches(&row) {
             // Absent as far as sync goes.
             if !soft_deleted {
                 found.report.filtered += 1;
             }
             return self.remove_row(&prefix, found);
         }
-        let units = match self.projection.read(&row) {
+        let units = match self.shape.projection.read(&row) {
             Ok(units) => units,
             Err(e) => {
                 found.report.failed.push(RowFailure {
@@ -985,7 +992,7 @@ impl TableReplica {
             }
         };
         let exists = unit_id(&prefix, "")?;
-        match self.stored_row(&prefix)? {
+        match self.shape.stored_row(self.replica.metadata(), &prefix)? {
             None => {
                 // The row is new here: one item, its snapshot, carries every field.
                 found.changes.push((exists, Some(encode_snapshot(&units))));
@@ -1023,53 +1030,6 @@ impl TableReplica {
             }
         }
         Ok(())
-    }
-
-    /// The row with this prefix as the replica holds it: `None` when it holds nothing
-    /// of it; for a live row, each field's value (its unit's while live, else the
-    /// snapshot's). Looks units up in id order, which the store answers from memory
-    /// after the first few.
-    fn stored_row(&self, prefix: &[u8]) -> Result<Option<StoredRow>, SchemaError> {
-        let metadata = self.replica.metadata();
-        let damaged = |unit: &str, reason: String| SchemaError::Table {
-            reason: format!(
-                "entity {}, row {:?}{}: {reason}",
-                self.entity,
-                key_of_prefix(prefix),
-                if unit.is_empty() {
-                    String::new()
-                } else {
-                    format!(", field {unit}")
-                }
-            ),
-        };
-        let Some((meta, data)) = metadata
-            .item_record(&unit_id(prefix, "")?)
-            .map_err(StoreError::from)?
-        else {
-            return Ok(None);
-        };
-        let mut values = BTreeMap::new();
-        if meta.deleted {
-            return Ok(Some(StoredRow {
-                live: false,
-                values,
-            }));
-        }
-        decode_snapshot(data.as_deref().unwrap_or_default(), &mut values)
-            .map_err(|reason| damaged("", reason))?;
-        for unit in &self.unit_names {
-            let record = metadata
-                .item_record(&unit_id(prefix, unit)?)
-                .map_err(StoreError::from)?;
-            if let Some((meta, Some(data))) = record {
-                if !meta.deleted {
-                    let value = decode_value(&data).map_err(|reason| damaged(unit, reason))?;
-                    values.insert(unit.clone(), value);
-                }
-            }
-        }
-        Ok(Some(StoredRow { live: true, values }))
     }
 
     /// Tombstones for every live unit of a row that is absent (gone, filtered out or
@@ -1169,21 +1129,67 @@ impl TableReplica {
         options: &SessionOptions,
         observer: &mut dyn SyncObserver,
     ) -> Result<(SessionStats, ApplyReport), SchemaError> {
-        // A new session marks every row it touches afresh: the last one's markers
-        // were cleared when its rows were written.
+        // A new session marks every row it touches afresh: the last one's marks were
+        // cleared when its rows were written.
         other.reset_staged_rows();
+        if let Ok(mut staged) = other.staged.lock() {
+            staged.forward = true;
+        }
         other.recording.store(true, Ordering::SeqCst);
-        let stats = crate::sync::run_session(
-            &mut self.replica,
-            &mut other.replica,
-            options,
-            observer,
-            &SystemClock,
-        );
+        // Each batch's rows are read right after the batch commits (RowUnits::committed)
+        // and written by a thread of their own, while the session goes on: the
+        // datasource's time overlaps the session's instead of following it.
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<RowWrites>(WRITER_QUEUE);
+        if let Ok(mut writer) = other.writer.lock() {
+            *writer = Some(sender);
+        }
+        let shape = Arc::clone(&other.shape);
+        let datasource = &mut other.datasource;
+        let (stats, (mut written, failed)) = std::thread::scope(|scope| {
+            let worker = scope.spawn(move || {
+                let mut written = Written::default();
+                for writes in receiver {
+                    match shape.write_rows(&mut **datasource, writes) {
+                        Ok(w) => written.absorb(w),
+                        // What is not written stays pending.
+                        Err(e) => return (written, Some(e)),
+                    }
+                }
+                (written, None)
+            });
+            let stats = crate::sync::run_session(
+                &mut self.replica,
+                &mut other.replica,
+                options,
+                observer,
+                &SystemClock,
+            );
+            // Closing the queue ends the writer once it has written what it holds.
+            if let Ok(mut writer) = other.writer.lock() {
+                *writer = None;
+            }
+            let written = worker.join().unwrap_or_else(|_| {
+                let reason = "the thread writing rows into the datasource panicked".into();
+                (Written::default(), Some(SchemaError::Table { reason }))
+            });
+            (stats, written)
+        });
         other.recording.store(false, Ordering::SeqCst);
-        // Whatever the session did commit is applied, even if it stopped early.
-        let applied = other.apply_pending()?;
-        Ok((stats?, applied))
+        other.reset_staged_rows();
+        other
+            .replica
+            .clear_pending(&written.done)
+            .map_err(SchemaError::from)?;
+        other.replica.flush().map_err(SchemaError::from)?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        // Whatever the session committed and the writer did not get (a row it could
+        // not read) is applied now; rows the datasource refused wait for next time.
+        written.refused.sort();
+        let rest = other.apply_pending_except(&written.refused)?;
+        written.report.absorb(rest);
+        Ok((stats?, written.report))
     }
 
     /// A sync with the defaults and no observer.
@@ -1194,145 +1200,30 @@ impl TableReplica {
     }
 
     /// Writes every row marked pending into the datasource, from the units, and clears
-    /// the markers of the rows that were written.
+    /// the marks of the rows that were written.
     pub fn apply_pending(&mut self) -> Result<ApplyReport, SchemaError> {
-        let pending = self
+        self.apply_pending_except(&[])
+    }
+
+    /// `apply_pending`, leaving alone the rows in `skip` (sorted): rows refused earlier
+    /// in the same session, which are tried again next time, not twice now.
+    fn apply_pending_except(&mut self, skip: &[Vec<u8>]) -> Result<ApplyReport, SchemaError> {
+        let mut pending = self
             .replica
             .metadata()
             .pending()
             .map_err(StoreError::from)?;
-        let mut report = ApplyReport::default();
+        pending.retain(|p| skip.binary_search(p).is_err());
         if pending.is_empty() {
-            return Ok(report);
+            return Ok(ApplyReport::default());
         }
-        let mut upserts: Vec<(Vec<u8>, Row)> = Vec::new();
-        let mut deletes: Vec<(Vec<u8>, Row)> = Vec::new();
-        for prefix in &pending {
-            let key_text = key_of_prefix(prefix);
-            let mut key_row: Row = self
-                .key
-                .iter()
-                .cloned()
-                .zip(key_text.into_iter().map(Value::Text))
-                .collect();
-            let units = match self.stored_row(prefix)? {
-                Some(row) if row.live => row.values,
-                _ => {
-                    deletes.push((prefix.clone(), key_row));
-                    continue;
-                }
-            };
-            match self.projection.write(&units) {
-                Ok(row) => {
-                    // Typed values from the units win over the prefix's key text.
-                    key_row.extend(row);
-                    // A row that arrives revives one this side marked deleted.
-                    if let Some(soft) = &self.soft_delete {
-                        key_row
-                            .entry(soft.field.clone())
-                            .or_insert_with(|| soft.live_value());
-                    }
-                    upserts.push((prefix.clone(), key_row));
-                }
-                Err(e) => report.refused.push((
-                    self.key_text(&key_row),
-                    format!("field {}: {}", e.field, e.reason),
-                )),
-            }
-        }
-        let mut done: Vec<Vec<u8>> = Vec::new();
-        let outcomes = self
-            .datasource
-            .upsert(
-                &self.entity,
-                &self.key,
-                &upserts.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
-            )
-            .map_err(SchemaError::from)?;
-        for ((prefix, row), outcome) in upserts.into_iter().zip(outcomes) {
-            match outcome {
-                RowOutcome::Written => {
-                    report.upserted += 1;
-                    done.push(prefix);
-                }
-                RowOutcome::Refused { reason } => {
-                    report.refused.push((self.key_text(&row), reason));
-                }
-            }
-        }
-        let outcomes = match &self.soft_delete {
-            None => self
-                .datasource
-                .delete(
-                    &self.entity,
-                    &self.key,
-                    &deletes.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
-                )
-                .map_err(SchemaError::from)?,
-            Some(soft) => {
-                // Mark the rows that exist; one that does not is already absent (an
-                // upsert would create a stub row holding only its key).
-                let keys: Vec<Row> = deletes.iter().map(|(_, r)| r.clone()).collect();
-                let mut present: BTreeSet<Vec<u8>> = BTreeSet::new();
-                let key = self.key.clone();
-                self.datasource
-                    .read_keys(&self.entity, &self.key, &keys, &mut |row| {
-                        let values: Vec<Value> = key
-                            .iter()
-                            .map(|k| row.get(k).cloned().unwrap_or(Value::Null))
-                            .collect();
-                        present.insert(row_prefix(&values));
-                        Ok(())
-                    })?;
-                let marked: Vec<Row> = deletes
-                    .iter()
-                    .filter(|(prefix, _)| present.contains(prefix))
-                    .map(|(_, r)| {
-                        let mut r = r.clone();
-                        r.insert(soft.field.clone(), soft.deleted_value());
-                        r
-                    })
-                    .collect();
-                let mut written = self
-                    .datasource
-                    .upsert(&self.entity, &self.key, &marked)
-                    .map_err(SchemaError::from)?
-                    .into_iter();
-                deletes
-                    .iter()
-                    .map(|(prefix, _)| {
-                        if present.contains(prefix) {
-                            written.next().unwrap_or(RowOutcome::Written)
-                        } else {
-                            RowOutcome::Written
-                        }
-                    })
-                    .collect()
-            }
-        };
-        for ((prefix, row), outcome) in deletes.into_iter().zip(outcomes) {
-            match outcome {
-                RowOutcome::Written => {
-                    report.deleted += 1;
-                    done.push(prefix);
-                }
-                RowOutcome::Refused { reason } => {
-                    report.refused.push((self.key_text(&row), reason));
-                }
-            }
-        }
+        let writes = self.shape.read_rows(self.replica.metadata(), &pending)?;
+        let written = self.shape.write_rows(&mut *self.datasource, writes)?;
         self.replica
-            .clear_pending(&done)
+            .clear_pending(&written.done)
             .map_err(SchemaError::from)?;
         self.replica.flush().map_err(SchemaError::from)?;
-        Ok(report)
-    }
-
-    fn key_text(&self, row: &Row) -> Vec<String> {
-        self.key
-            .iter()
-            .map(|k| row.get(k).map(Value::to_text).unwrap_or_default())
-            .collect()
+        Ok(written.report)
     }
 }
 

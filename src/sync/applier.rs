@@ -291,6 +291,7 @@ pub fn apply_batch(
     drop_superseded_conflicts(metadata, &mut commit, &knowledge)?;
     commit.set_knowledge(knowledge);
     metadata.commit(commit)?;
+    items.committed(metadata);
     Ok(outcome)
 }
 

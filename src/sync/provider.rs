@@ -195,6 +195,9 @@ pub trait ItemStore: Send {
     fn batch_group<'a>(&self, item: &'a [u8]) -> &'a [u8] {
         item
     }
+    /// Called after each sync batch this store staged into has committed, with the
+    /// store as committed: the moment its changes may leave for elsewhere.
+    fn committed(&mut self, _metadata: &MetadataStore) {}
     /// Writes an item's new data (`None`: delete it) as part of `commit`. An error fails
     /// this item only: it is reported, not learned, and sent again next session.
     fn stage(

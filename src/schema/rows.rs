@@ -1,0 +1,336 @@
+//! Bringing a table replica's datasource to what its units say: reading rows out of the
+//! metadata store, and writing them into the datasource.
+//!
+//! Invariants:
+//! - The two steps are apart on purpose. Reading needs the metadata store, writing
+//!   needs the datasource, and nothing else is shared: a session reads each batch's
+//!   rows right after the batch commits and hands them to a writer thread, which writes
+//!   them while the session goes on with the next batch (see
+//!   [`super::TableReplica::send_to`]).
+//! - A row is read only after the commit that changed it, and its pending mark is
+//!   cleared only after the datasource took the write. A row the datasource refused
+//!   stays marked and is tried again at the next apply.
+//! - A row that is not live in the units is deleted from the datasource (or marked
+//!   deleted, with a tombstone column); one whose units do not make a row (a failed
+//!   inverse transformation) is refused by key, and the datasource is not touched.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::metadata::MetadataStore;
+use crate::stores::{Datasource, FieldType, Row, RowOutcome, StoreError, Value};
+
+use super::table::{decode_snapshot, decode_value, key_of_prefix, row_prefix, unit_id};
+use super::watermark::utc_now_text;
+use super::{Projection, SchemaError};
+
+/// What writing synced rows into the datasource did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ApplyReport {
+    pub upserted: u64,
+    pub deleted: u64,
+    /// Rows the datasource refused, by key, with its message. They stay pending and are
+    /// tried again at the next apply.
+    pub refused: Vec<(Vec<String>, String)>,
+}
+
+impl ApplyReport {
+    pub(crate) fn absorb(&mut self, other: ApplyReport) {
+        self.upserted += other.upserted;
+        self.deleted += other.deleted;
+        self.refused.extend(other.refused);
+    }
+}
+
+/// A tombstone column: the value that marks a row deleted and the one that clears it.
+#[derive(Clone, Debug)]
+pub(crate) struct SoftDelete {
+    pub(crate) field: String,
+    pub(crate) field_type: FieldType,
+}
+
+impl SoftDelete {
+    fn deleted_value(&self) -> Value {
+        match self.field_type {
+            FieldType::Bool => Value::Bool(true),
+            FieldType::Int => Value::Int(1),
+            FieldType::Float => Value::Float(1.0),
+            FieldType::Text => Value::Text(utc_now_text()),
+        }
+    }
+
+    fn live_value(&self) -> Value {
+        match self.field_type {
+            FieldType::Bool => Value::Bool(false),
+            FieldType::Int => Value::Int(0),
+            FieldType::Float => Value::Float(0.0),
+            FieldType::Text => Value::Null,
+        }
+    }
+}
+
+/// A row's values as the replica holds them (see [`RowShape::stored_row`]).
+pub(crate) struct StoredRow {
+    pub(crate) live: bool,
+    /// Unit name → value; empty for a row that is not live.
+    pub(crate) values: BTreeMap<String, Value>,
+}
+
+/// How one side's rows look: its entity, key fields, units and tombstone column.
+#[derive(Debug)]
+pub(crate) struct RowShape {
+    pub(crate) entity: String,
+    /// This store's key fields, in the schema's key order.
+    pub(crate) key: Vec<String>,
+    pub(crate) projection: Projection,
+    /// The projection's unit names in id order, the order lookups are cheapest in.
+    pub(crate) unit_names: Vec<String>,
+    pub(crate) soft_delete: Option<SoftDelete>,
+}
+
+/// Rows read out of the metadata store, ready to be written.
+#[derive(Debug, Default)]
+pub(crate) struct RowWrites {
+    /// By row prefix: the whole row (key fields included).
+    upserts: Vec<(Vec<u8>, Row)>,
+    /// By row prefix: the key fields.
+    deletes: Vec<(Vec<u8>, Row)>,
+    /// Rows whose units make no row here: prefix, key as text, why.
+    refused: Vec<(Vec<u8>, Vec<String>, String)>,
+}
+
+/// What writing rows did, with the prefixes whose marks may go and those that stay.
+#[derive(Debug, Default)]
+pub(crate) struct Written {
+    pub(crate) report: ApplyReport,
+    pub(crate) done: Vec<Vec<u8>>,
+    pub(crate) refused: Vec<Vec<u8>>,
+}
+
+impl Written {
+    pub(crate) fn absorb(&mut self, other: Written) {
+        self.report.absorb(other.report);
+        self.done.extend(other.done);
+        self.refused.extend(other.refused);
+    }
+}
+
+impl RowShape {
+    pub(crate) fn new(
+        entity: &str,
+        key: &[String],
+        projection: Projection,
+        soft_delete: Option<SoftDelete>,
+    ) -> Self {
+        let mut unit_names: Vec<String> = projection.units.iter().map(|u| u.unit.clone()).collect();
+        unit_names.sort();
+        unit_names.dedup();
+        Self {
+            entity: entity.to_string(),
+            key: key.to_vec(),
+            projection,
+            unit_names,
+            soft_delete,
+        }
+    }
+
+    /// The row with this prefix as `metadata` holds it: `None` when it holds nothing
+    /// of it; for a live row, each field's value (its unit's while live, else the
+    /// snapshot's). Looks units up in id order, which the store answers from memory
+    /// after the first few.
+    pub(crate) fn stored_row(
+        &self,
+        metadata: &MetadataStore,
+        prefix: &[u8],
+    ) -> Result<Option<StoredRow>, SchemaError> {
+        let damaged = |unit: &str, reason: String| SchemaError::Table {
+            reason: format!(
+                "entity {}, row {:?}{}: {reason}",
+                self.entity,
+                key_of_prefix(prefix),
+                if unit.is_empty() {
+                    String::new()
+                } else {
+                    format!(", field {unit}")
+                }
+            ),
+        };
+        let Some((meta, data)) = metadata
+            .item_record(&unit_id(prefix, "")?)
+            .map_err(StoreError::from)?
+        else {
+            return Ok(None);
+        };
+        let mut values = BTreeMap::new();
+        if meta.deleted {
+            return Ok(Some(StoredRow {
+                live: false,
+                values,
+            }));
+        }
+        decode_snapshot(data.as_deref().unwrap_or_default(), &mut values)
+            .map_err(|reason| damaged("", reason))?;
+        for unit in &self.unit_names {
+            let record = metadata
+                .item_record(&unit_id(prefix, unit)?)
+                .map_err(StoreError::from)?;
+            if let Some((meta, Some(data))) = record {
+                if !meta.deleted {
+                    let value = decode_value(&data).map_err(|reason| damaged(unit, reason))?;
+                    values.insert(unit.clone(), value);
+                }
+            }
+        }
+        Ok(Some(StoredRow { live: true, values }))
+    }
+
+    /// The writes that bring the datasource to what `metadata` holds for these rows.
+    pub(crate) fn read_rows(
+        &self,
+        metadata: &MetadataStore,
+        prefixes: &[Vec<u8>],
+    ) -> Result<RowWrites, SchemaError> {
+        let mut writes = RowWrites::default();
+        for prefix in prefixes {
+            let key_text = key_of_prefix(prefix);
+            let mut row: Row = self
+                .key
+                .iter()
+                .cloned()
+                .zip(key_text.into_iter().map(Value::Text))
+                .collect();
+            let units = match self.stored_row(metadata, prefix)? {
+                Some(stored) if stored.live => stored.values,
+                _ => {
+                    writes.deletes.push((prefix.clone(), row));
+                    continue;
+                }
+            };
+            match self.projection.write(&units) {
+                Ok(fields) => {
+                    // Typed values from the units win over the prefix's key text.
+                    row.extend(fields);
+                    // A row that arrives revives one this side marked deleted.
+                    if let Some(soft) = &self.soft_delete {
+                        row.entry(soft.field.clone())
+                            .or_insert_with(|| soft.live_value());
+                    }
+                    writes.upserts.push((prefix.clone(), row));
+                }
+                Err(e) => writes.refused.push((
+                    prefix.clone(),
+                    self.key_text(&row),
+                    format!("field {}: {}", e.field, e.reason),
+                )),
+            }
+        }
+        Ok(writes)
+    }
+
+    /// Writes rows into the datasource; an error is one the datasource as a whole
+    /// returned (a lost connection, say), and leaves every row of `writes` pending.
+    pub(crate) fn write_rows(
+        &self,
+        datasource: &mut dyn Datasource,
+        writes: RowWrites,
+    ) -> Result<Written, SchemaError> {
+        let mut written = Written::default();
+        for (prefix, key, reason) in writes.refused {
+            written.report.refused.push((key, reason));
+            written.refused.push(prefix);
+        }
+        let (prefixes, rows): (Vec<Vec<u8>>, Vec<Row>) = writes.upserts.into_iter().unzip();
+        let outcomes = datasource
+            .upsert(&self.entity, &self.key, &rows)
+            .map_err(SchemaError::from)?;
+        for ((prefix, row), outcome) in prefixes.into_iter().zip(rows).zip(outcomes) {
+            self.settle(&mut written, prefix, &row, outcome, false);
+        }
+        let (prefixes, keys): (Vec<Vec<u8>>, Vec<Row>) = writes.deletes.into_iter().unzip();
+        let outcomes = match &self.soft_delete {
+            None => datasource
+                .delete(&self.entity, &self.key, &keys)
+                .map_err(SchemaError::from)?,
+            Some(soft) => self.mark_deleted(datasource, soft, &prefixes, &keys)?,
+        };
+        for ((prefix, key), outcome) in prefixes.into_iter().zip(keys).zip(outcomes) {
+            self.settle(&mut written, prefix, &key, outcome, true);
+        }
+        Ok(written)
+    }
+
+    fn settle(
+        &self,
+        written: &mut Written,
+        prefix: Vec<u8>,
+        row: &Row,
+        outcome: RowOutcome,
+        delete: bool,
+    ) {
+        match outcome {
+            RowOutcome::Written => {
+                if delete {
+                    written.report.deleted += 1;
+                } else {
+                    written.report.upserted += 1;
+                }
+                written.done.push(prefix);
+            }
+            RowOutcome::Refused { reason } => {
+                written.report.refused.push((self.key_text(row), reason));
+                written.refused.push(prefix);
+            }
+        }
+    }
+
+    /// Sets the tombstone column of the rows that exist; one that does not is already
+    /// absent (an upsert would create a stub row holding only its key).
+    fn mark_deleted(
+        &self,
+        datasource: &mut dyn Datasource,
+        soft: &SoftDelete,
+        prefixes: &[Vec<u8>],
+        keys: &[Row],
+    ) -> Result<Vec<RowOutcome>, SchemaError> {
+        let mut present: BTreeSet<Vec<u8>> = BTreeSet::new();
+        datasource.read_keys(&self.entity, &self.key, keys, &mut |row| {
+            let values: Vec<Value> = self
+                .key
+                .iter()
+                .map(|k| row.get(k).cloned().unwrap_or(Value::Null))
+                .collect();
+            present.insert(row_prefix(&values));
+            Ok(())
+        })?;
+        let marked: Vec<Row> = prefixes
+            .iter()
+            .zip(keys)
+            .filter(|(prefix, _)| present.contains(*prefix))
+            .map(|(_, key)| {
+                let mut row = key.clone();
+                row.insert(soft.field.clone(), soft.deleted_value());
+                row
+            })
+            .collect();
+        let mut outcomes = datasource
+            .upsert(&self.entity, &self.key, &marked)
+            .map_err(SchemaError::from)?
+            .into_iter();
+        Ok(prefixes
+            .iter()
+            .map(|prefix| {
+                if present.contains(prefix) {
+                    outcomes.next().unwrap_or(RowOutcome::Written)
+                } else {
+                    RowOutcome::Written
+                }
+            })
+            .collect())
+    }
+
+    pub(crate) fn key_text(&self, row: &Row) -> Vec<String> {
+        self.key
+            .iter()
+            .map(|k| row.get(k).map(Value::to_text).unwrap_or_default())
+            .collect()
+    }
+}
