@@ -504,6 +504,42 @@ fn upsert_inserts_new_rows_and_replaces_existing_by_key(kind: Kind) -> TestResul
     Ok(())
 }
 
+fn upsert_new_of_rows_that_are_there_already_updates_them(kind: Kind) -> TestResult {
+    let mut fx = fixture(kind)?;
+    // `upsert_new` is a hint (rows a sync brings for the first time), not a promise:
+    // a store that tries a plain insert first must still update the rows it finds,
+    // write the new ones, and refuse exactly the rows its constraints refuse.
+    let mut rows = vec![
+        fx.person(5, "Barbara", None),
+        fx.person(2, "Alan Turing", Some(42)),
+        fx.person(6, "Frances", Some(80)),
+    ];
+    if matches!(kind, Kind::Sqlite | Kind::Postgres) {
+        rows.push(fx.person(8, "Minus", Some(-1)));
+    }
+    let outcomes = fx.store.upsert_new("people", &keys(&["id"]), &rows)?;
+    assert_eq!(outcomes[..3], written(3));
+    if matches!(kind, Kind::Sqlite | Kind::Postgres) {
+        assert!(refused_reason(&outcomes[3]).is_some(), "{outcomes:?}");
+    }
+    let expected = vec![
+        fx.person(1, "Ada", Some(36)),
+        fx.person(2, "Alan Turing", Some(42)),
+        fx.person(3, "Grace", None),
+        fx.person(5, "Barbara", None),
+        fx.person(6, "Frances", Some(80)),
+    ];
+    assert_eq!(fx.rows("people")?, expected);
+    // All of them new: the plain insert takes them.
+    let rows = [fx.person(10, "Hedy", Some(40)), fx.person(11, "Joan", None)];
+    assert_eq!(
+        fx.store.upsert_new("people", &keys(&["id"]), &rows)?,
+        written(2)
+    );
+    assert_eq!(fx.rows("people")?.len(), 7);
+    Ok(())
+}
+
 fn upsert_by_composite_key_matches_all_key_fields(kind: Kind) -> TestResult {
     let mut fx = fixture(kind)?;
     // (1, tue) exists and changes; (2, tue) shares each key field with some row but
@@ -1081,6 +1117,7 @@ contract!(
     upsert_inserts_new_rows_and_replaces_existing_by_key,
     upsert_by_composite_key_matches_all_key_fields,
     upsert_twice_leaves_the_same_rows,
+    upsert_new_of_rows_that_are_there_already_updates_them,
     upsert_sets_only_the_fields_a_row_carries,
     delete_removes_rows_by_key_and_absent_keys_are_fine,
     delete_by_composite_key_matches_all_key_fields,

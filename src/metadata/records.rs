@@ -107,11 +107,16 @@ fn config() -> impl bincode::config::Config {
 }
 
 pub(crate) fn encode<T: Serialize>(kind: u8, raw: &T) -> Vec<u8> {
-    let mut out = vec![kind, RECORD_FORMAT];
+    encode_with_room(kind, raw, 0)
+}
+
+/// `encode`, leaving room for `extra` bytes the caller appends (an item's data).
+fn encode_with_room<T: Serialize>(kind: u8, raw: &T, extra: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + 48 + extra);
+    out.extend_from_slice(&[kind, RECORD_FORMAT]);
     // Plain data types always encode into a Vec; failure would be a bug in a raw type.
-    let body = bincode::serde::encode_to_vec(raw, bincode::config::standard())
+    bincode::serde::encode_into_std_write(raw, &mut out, bincode::config::standard())
         .expect("raw records always encode");
-    out.extend_from_slice(&body);
     out
 }
 
@@ -153,7 +158,7 @@ impl ItemMeta {
     /// The item record with the item's data as its tail (the built-in store keeps data
     /// there, so an item costs one key and one read, not two).
     pub fn encode_with_data(&self, data: Option<&[u8]>) -> Vec<u8> {
-        let mut out = encode(
+        let mut out = encode_with_room(
             KIND_ITEM,
             &RawItemMeta {
                 creation: RawVersion::of(self.creation),
@@ -162,6 +167,7 @@ impl ItemMeta {
                 deleted: self.deleted,
                 data_len: data.map(|d| d.len() as u64),
             },
+            data.map_or(0, <[u8]>::len),
         );
         if let Some(data) = data {
             out.extend_from_slice(data);

@@ -124,80 +124,165 @@ impl Projection {
     /// The row fields to write from `units` (unit name → value; a unit missing from the
     /// map leaves the fields it comes from alone).
     pub fn write(&self, units: &BTreeMap<String, Value>) -> Result<Row, UnitError> {
-        let mut row = Row::new();
+        self.write_plan().write(units)
+    }
+
+    /// How units become row fields, worked out once for many rows.
+    pub(crate) fn write_plan(&self) -> WritePlan {
+        let mut steps = Vec::new();
         // Source fields read by exactly one single-field rule, or split into several.
         let mut by_field: BTreeMap<&str, Vec<&UnitRule>> = BTreeMap::new();
         for rule in &self.units {
             if let [field] = rule.fields.as_slice() {
                 by_field.entry(field.as_str()).or_default().push(rule);
-            } else if let Some(value) = units.get(&rule.unit) {
-                // A unit that joined several fields splits back into them.
-                let Some(Transform::Join { separator }) = &rule.transform else {
-                    return Err(UnitError {
-                        field: rule.fields.join(", "),
-                        reason: "several source fields need JOIN to be written back".into(),
-                    });
-                };
-                let text = value.to_text();
-                let mut parts = text.split(separator.as_str());
-                for field in &rule.fields {
-                    let part = parts
-                        .next()
-                        .map_or(Value::Null, |p| Value::Text(p.to_string()));
-                    row.insert(field.clone(), part);
-                }
+                continue;
             }
+            // A unit that joined several fields splits back into them.
+            let separator = match &rule.transform {
+                Some(Transform::Join { separator }) => Ok(separator.clone()),
+                _ => Err(UnitError {
+                    field: rule.fields.join(", "),
+                    reason: "several source fields need JOIN to be written back".into(),
+                }),
+            };
+            steps.push(WriteStep::SplitBack {
+                unit: rule.unit.clone(),
+                fields: rule.fields.clone(),
+                separator,
+            });
         }
         for (field, rules) in by_field {
             let cannot = |reason: String| UnitError {
                 field: field.to_string(),
                 reason,
             };
-            match rules.as_slice() {
-                [rule] => {
-                    let Some(value) = units.get(&rule.unit) else {
-                        continue;
-                    };
-                    let value = match &rule.transform {
-                        None => value.clone(),
-                        Some(Transform::Split { .. }) => value.clone(),
-                        Some(t) => {
-                            let back = t.inverse().ok_or_else(|| {
-                                cannot(format!("{t} has no inverse to write the field back"))
-                            })?;
-                            back.apply(value).map_err(|e| cannot(e.to_string()))?
-                        }
-                    };
-                    row.insert(field.to_string(), value);
-                }
+            steps.push(match rules.as_slice() {
+                [rule] => WriteStep::One {
+                    field: field.to_string(),
+                    unit: rule.unit.clone(),
+                    back: match &rule.transform {
+                        None | Some(Transform::Split { .. }) => Ok(None),
+                        Some(t) => t.inverse().map(Some).ok_or_else(|| {
+                            cannot(format!("{t} has no inverse to write the field back"))
+                        }),
+                    },
+                },
                 several => {
-                    // SPLIT(0), SPLIT(1), ... of one field: join the parts back.
+                    // SPLIT(0), SPLIT(1), ... of one field: joined back in index order.
                     let mut parts: Vec<(usize, &str, &String)> = Vec::new();
+                    let mut not_split = false;
                     for rule in several {
                         match &rule.transform {
                             Some(Transform::Split { index, separator }) => {
                                 parts.push((*index, separator, &rule.unit))
                             }
-                            _ => {
-                                return Err(cannot(
-                                    "a field read by several units must be SPLIT into them".into(),
-                                ))
-                            }
+                            _ => not_split = true,
                         }
                     }
                     parts.sort();
-                    if !units.contains_key(parts[0].2) {
+                    WriteStep::JoinParts {
+                        field: field.to_string(),
+                        parts: if not_split {
+                            Err(cannot(
+                                "a field read by several units must be SPLIT into them".into(),
+                            ))
+                        } else {
+                            Ok((
+                                parts[0].1.to_string(),
+                                parts.iter().map(|(_, _, unit)| (*unit).clone()).collect(),
+                            ))
+                        },
+                    }
+                }
+            });
+        }
+        WritePlan { steps }
+    }
+}
+
+/// The steps that turn a side's units into row fields (see [`Projection::write`]).
+#[derive(Clone, Debug)]
+pub(crate) struct WritePlan {
+    steps: Vec<WriteStep>,
+}
+
+#[derive(Clone, Debug)]
+enum WriteStep {
+    /// A unit that joined several fields splits back into them (`Err`: it was not
+    /// joined by JOIN, so it cannot be).
+    SplitBack {
+        unit: String,
+        fields: Vec<String>,
+        separator: Result<String, UnitError>,
+    },
+    /// One field from one unit, as it is (`None`) or through the inverse of its
+    /// transformation (`Err`: there is none).
+    One {
+        field: String,
+        unit: String,
+        back: Result<Option<Transform>, UnitError>,
+    },
+    /// One field from its SPLIT parts: the separator and the units in index order.
+    JoinParts {
+        field: String,
+        parts: Result<(String, Vec<String>), UnitError>,
+    },
+}
+
+impl WritePlan {
+    pub(crate) fn write(&self, units: &BTreeMap<String, Value>) -> Result<Row, UnitError> {
+        let mut row = Row::new();
+        for step in &self.steps {
+            match step {
+                WriteStep::SplitBack {
+                    unit,
+                    fields,
+                    separator,
+                } => {
+                    let Some(value) = units.get(unit) else {
+                        continue;
+                    };
+                    let separator = separator.as_ref().map_err(Clone::clone)?;
+                    let text = value.to_text();
+                    let mut parts = text.split(separator.as_str());
+                    for field in fields {
+                        let part = parts
+                            .next()
+                            .map_or(Value::Null, |p| Value::Text(p.to_string()));
+                        row.insert(field.clone(), part);
+                    }
+                }
+                WriteStep::One { field, unit, back } => {
+                    let Some(value) = units.get(unit) else {
+                        continue;
+                    };
+                    let value = match back.as_ref().map_err(Clone::clone)? {
+                        None => value.clone(),
+                        Some(t) => t.apply(value).map_err(|e| UnitError {
+                            field: field.clone(),
+                            reason: e.to_string(),
+                        })?,
+                    };
+                    row.insert(field.clone(), value);
+                }
+                WriteStep::JoinParts { field, parts } => {
+                    let (separator, parts) = parts.as_ref().map_err(Clone::clone)?;
+                    if !units.contains_key(&parts[0]) {
                         continue;
                     }
-                    let separator = parts[0].1.to_string();
                     let values: Vec<Value> = parts
                         .iter()
-                        .map(|(_, _, unit)| units.get(*unit).cloned().unwrap_or(Value::Null))
+                        .map(|unit| units.get(unit).cloned().unwrap_or(Value::Null))
                         .collect();
-                    let joined = Transform::Join { separator }
-                        .apply_many(&values)
-                        .map_err(|e| cannot(e.to_string()))?;
-                    row.insert(field.to_string(), joined);
+                    let joined = Transform::Join {
+                        separator: separator.clone(),
+                    }
+                    .apply_many(&values)
+                    .map_err(|e| UnitError {
+                        field: field.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    row.insert(field.clone(), joined);
                 }
             }
         }

@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::metadata::MetadataStore;
 use crate::stores::{Datasource, FieldType, Row, RowOutcome, StoreError, Value};
 
+use super::projection::WritePlan;
 use super::table::{decode_snapshot, decode_value, key_of_prefix, row_prefix, unit_id};
 use super::watermark::utc_now_text;
 use super::{Projection, SchemaError};
@@ -71,6 +72,9 @@ impl SoftDelete {
 /// A row's values as the replica holds them (see [`RowShape::stored_row`]).
 pub(crate) struct StoredRow {
     pub(crate) live: bool,
+    /// Live, in the version it arrived in, with no field unit: a row this replica
+    /// got once and nothing since, which its datasource most likely does not hold.
+    pub(crate) fresh: bool,
     /// Unit name → value; empty for a row that is not live.
     pub(crate) values: BTreeMap<String, Value>,
 }
@@ -82,6 +86,8 @@ pub(crate) struct RowShape {
     /// This store's key fields, in the schema's key order.
     pub(crate) key: Vec<String>,
     pub(crate) projection: Projection,
+    /// The projection's way from units to fields, worked out once.
+    plan: WritePlan,
     /// The projection's unit names in id order, the order lookups are cheapest in.
     pub(crate) unit_names: Vec<String>,
     pub(crate) soft_delete: Option<SoftDelete>,
@@ -90,8 +96,9 @@ pub(crate) struct RowShape {
 /// Rows read out of the metadata store, ready to be written.
 #[derive(Debug, Default)]
 pub(crate) struct RowWrites {
-    /// By row prefix: the whole row (key fields included).
-    upserts: Vec<(Vec<u8>, Row)>,
+    /// By row prefix: the whole row (key fields included), and whether it is fresh
+    /// (see [`StoredRow::fresh`]).
+    upserts: Vec<(Vec<u8>, Row, bool)>,
     /// By row prefix: the key fields.
     deletes: Vec<(Vec<u8>, Row)>,
     /// Rows whose units make no row here: prefix, key as text, why.
@@ -127,6 +134,7 @@ impl RowShape {
         Self {
             entity: entity.to_string(),
             key: key.to_vec(),
+            plan: projection.write_plan(),
             projection,
             unit_names,
             soft_delete,
@@ -164,23 +172,31 @@ impl RowShape {
         if meta.deleted {
             return Ok(Some(StoredRow {
                 live: false,
+                fresh: false,
                 values,
             }));
         }
+        let mut fresh = meta.creation == meta.version;
         decode_snapshot(data.as_deref().unwrap_or_default(), &mut values)
             .map_err(|reason| damaged("", reason))?;
         for unit in &self.unit_names {
             let record = metadata
                 .item_record(&unit_id(prefix, unit)?)
                 .map_err(StoreError::from)?;
-            if let Some((meta, Some(data))) = record {
-                if !meta.deleted {
-                    let value = decode_value(&data).map_err(|reason| damaged(unit, reason))?;
-                    values.insert(unit.clone(), value);
-                }
+            let Some((meta, data)) = record else {
+                continue;
+            };
+            fresh = false;
+            if let (false, Some(data)) = (meta.deleted, data) {
+                let value = decode_value(&data).map_err(|reason| damaged(unit, reason))?;
+                values.insert(unit.clone(), value);
             }
         }
-        Ok(Some(StoredRow { live: true, values }))
+        Ok(Some(StoredRow {
+            live: true,
+            fresh,
+            values,
+        }))
     }
 
     /// The writes that bring the datasource to what `metadata` holds for these rows.
@@ -198,14 +214,14 @@ impl RowShape {
                 .cloned()
                 .zip(key_text.into_iter().map(Value::Text))
                 .collect();
-            let units = match self.stored_row(metadata, prefix)? {
-                Some(stored) if stored.live => stored.values,
+            let (units, fresh) = match self.stored_row(metadata, prefix)? {
+                Some(stored) if stored.live => (stored.values, stored.fresh),
                 _ => {
                     writes.deletes.push((prefix.clone(), row));
                     continue;
                 }
             };
-            match self.projection.write(&units) {
+            match self.plan.write(&units) {
                 Ok(fields) => {
                     // Typed values from the units win over the prefix's key text.
                     row.extend(fields);
@@ -214,7 +230,7 @@ impl RowShape {
                         row.entry(soft.field.clone())
                             .or_insert_with(|| soft.live_value());
                     }
-                    writes.upserts.push((prefix.clone(), row));
+                    writes.upserts.push((prefix.clone(), row, fresh));
                 }
                 Err(e) => writes.refused.push((
                     prefix.clone(),
@@ -238,12 +254,22 @@ impl RowShape {
             written.report.refused.push((key, reason));
             written.refused.push(prefix);
         }
-        let (prefixes, rows): (Vec<Vec<u8>>, Vec<Row>) = writes.upserts.into_iter().unzip();
-        let outcomes = datasource
-            .upsert(&self.entity, &self.key, &rows)
+        let (fresh, known): (Vec<_>, Vec<_>) = writes.upserts.into_iter().partition(|u| u.2);
+        for (rows, new) in [(fresh, true), (known, false)] {
+            if rows.is_empty() {
+                continue;
+            }
+            let (prefixes, rows): (Vec<Vec<u8>>, Vec<Row>) =
+                rows.into_iter().map(|(p, r, _)| (p, r)).unzip();
+            let outcomes = if new {
+                datasource.upsert_new(&self.entity, &self.key, &rows)
+            } else {
+                datasource.upsert(&self.entity, &self.key, &rows)
+            }
             .map_err(SchemaError::from)?;
-        for ((prefix, row), outcome) in prefixes.into_iter().zip(rows).zip(outcomes) {
-            self.settle(&mut written, prefix, &row, outcome, false);
+            for ((prefix, row), outcome) in prefixes.into_iter().zip(rows).zip(outcomes) {
+                self.settle(&mut written, prefix, &row, outcome, false);
+            }
         }
         let (prefixes, keys): (Vec<Vec<u8>>, Vec<Row>) = writes.deletes.into_iter().unzip();
         let outcomes = match &self.soft_delete {

@@ -205,23 +205,35 @@ const TAG_TEXT: u8 = 4;
 
 /// A field value as a unit's data: a tag byte, then the value.
 pub(crate) fn encode_value(value: &Value) -> Vec<u8> {
+    let mut out = Vec::with_capacity(encoded_len(value));
+    encode_value_into(value, &mut out);
+    out
+}
+
+fn encoded_len(value: &Value) -> usize {
     match value {
-        Value::Null => vec![TAG_NULL],
-        Value::Bool(b) => vec![TAG_BOOL, u8::from(*b)],
+        Value::Null => 1,
+        Value::Bool(_) => 2,
+        Value::Int(_) | Value::Float(_) => 9,
+        Value::Text(s) => 1 + s.len(),
+    }
+}
+
+fn encode_value_into(value: &Value, out: &mut Vec<u8>) {
+    match value {
+        Value::Null => out.push(TAG_NULL),
+        Value::Bool(b) => out.extend_from_slice(&[TAG_BOOL, u8::from(*b)]),
         Value::Int(i) => {
-            let mut out = vec![TAG_INT];
+            out.push(TAG_INT);
             out.extend_from_slice(&i.to_le_bytes());
-            out
         }
         Value::Float(f) => {
-            let mut out = vec![TAG_FLOAT];
+            out.push(TAG_FLOAT);
             out.extend_from_slice(&f.to_bits().to_le_bytes());
-            out
         }
         Value::Text(s) => {
-            let mut out = vec![TAG_TEXT];
+            out.push(TAG_TEXT);
             out.extend_from_slice(s.as_bytes());
-            out
         }
     }
 }
@@ -251,13 +263,17 @@ const SNAPSHOT_HEAD: [u8; 2] = [b'S', 1];
 /// A row's units as an existence unit's data: [`SNAPSHOT_HEAD`], then per unit its
 /// name and its value (as [`encode_value`]), each behind a u32 LE length.
 fn encode_snapshot(units: &[(String, Value)]) -> Vec<u8> {
-    let mut out = SNAPSHOT_HEAD.to_vec();
+    let len: usize = units
+        .iter()
+        .map(|(name, value)| 8 + name.len() + encoded_len(value))
+        .sum();
+    let mut out = Vec::with_capacity(SNAPSHOT_HEAD.len() + len);
+    out.extend_from_slice(&SNAPSHOT_HEAD);
     for (name, value) in units {
-        let bytes = encode_value(value);
         out.extend_from_slice(&(name.len() as u32).to_le_bytes());
         out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-        out.extend_from_slice(&bytes);
+        out.extend_from_slice(&(encoded_len(value) as u32).to_le_bytes());
+        encode_value_into(value, &mut out);
     }
     out
 }
@@ -274,22 +290,24 @@ pub(super) fn decode_snapshot(
     let mut rest = bytes
         .strip_prefix(&SNAPSHOT_HEAD[..])
         .ok_or("the row snapshot has an unknown head")?;
-    let take = |rest: &mut &[u8]| -> Result<Vec<u8>, String> {
-        let (len, tail) = rest.split_at_checked(4).ok_or("truncated row snapshot")?;
-        let len = u32::from_le_bytes(len.try_into().map_err(|_| "truncated row snapshot")?);
-        let (part, tail) = tail
-            .split_at_checked(len as usize)
-            .ok_or("truncated row snapshot")?;
-        *rest = tail;
-        Ok(part.to_vec())
-    };
     while !rest.is_empty() {
-        let name = String::from_utf8(take(&mut rest)?)
+        let name = std::str::from_utf8(snapshot_part(&mut rest)?)
             .map_err(|_| "a unit name in the row snapshot is not UTF-8")?;
-        let value = decode_value(&take(&mut rest)?)?;
-        out.insert(name, value);
+        let value = decode_value(snapshot_part(&mut rest)?)?;
+        out.insert(name.to_string(), value);
     }
     Ok(())
+}
+
+/// The next length-prefixed part of a snapshot.
+fn snapshot_part<'a>(rest: &mut &'a [u8]) -> Result<&'a [u8], String> {
+    let (len, tail) = rest.split_at_checked(4).ok_or("truncated row snapshot")?;
+    let len = u32::from_le_bytes(len.try_into().map_err(|_| "truncated row snapshot")?);
+    let (part, tail) = tail
+        .split_at_checked(len as usize)
+        .ok_or("truncated row snapshot")?;
+    *rest = tail;
+    Ok(part)
 }
 
 /// A list of keys (each a list of values) as bytes: counts and lengths as u32 LE.
@@ -1257,6 +1275,30 @@ mod tests {
             assert!(decode_keys(&bytes[..cut]).is_err(), "cut at {cut}");
         }
         assert!(decode_keys(&[0xFF, 0xFF, 0xFF, 0x7F]).is_err());
+    }
+
+    #[test]
+    fn snapshots_round_trip_and_a_cut_inside_a_part_is_an_error() {
+        let units: Vec<(String, Value)> = vec![
+            ("id".into(), Value::Int(7)),
+            ("name".into(), Value::Text("Ada".into())),
+            ("phone".into(), Value::Null),
+        ];
+        let bytes = encode_snapshot(&units);
+        let mut read = BTreeMap::new();
+        assert_eq!(decode_snapshot(&bytes, &mut read), Ok(()));
+        assert_eq!(read, units.iter().cloned().collect());
+        // A cut between two units is a shorter snapshot; anywhere else, damage.
+        let boundaries: Vec<usize> = (0..=units.len())
+            .map(|n| encode_snapshot(&units[..n]).len())
+            .collect();
+        for cut in 1..bytes.len() {
+            let result = decode_snapshot(&bytes[..cut], &mut BTreeMap::new());
+            assert_eq!(result.is_ok(), boundaries.contains(&cut), "cut at {cut}");
+        }
+        // Empty data: a row written before snapshots, every field in a unit of its own.
+        assert_eq!(decode_snapshot(&[], &mut BTreeMap::new()), Ok(()));
+        assert!(decode_snapshot(b"X\x01", &mut BTreeMap::new()).is_err());
     }
 
     #[test]

@@ -180,6 +180,17 @@ pub trait Datasource: Send {
         key: &[String],
         rows: &[Row],
     ) -> Result<Vec<RowOutcome>, DatasourceError>;
+    /// `upsert` for rows that are probably not in the entity yet (rows a sync brings
+    /// for the first time): a store may try a cheaper plain insert first. The outcome
+    /// is `upsert`'s either way.
+    fn upsert_new(
+        &mut self,
+        entity: &str,
+        key: &[String],
+        rows: &[Row],
+    ) -> Result<Vec<RowOutcome>, DatasourceError> {
+        self.upsert(entity, key, rows)
+    }
     /// Deletes the rows whose `key` fields have these values (absent rows are no
     /// error). Returns one outcome per key, in order.
     fn delete(

@@ -725,11 +725,16 @@ fn rows_per_statement(columns: usize) -> usize {
 /// CONFLICT` under a savepoint (a round trip per thousand rows instead of three per
 /// row); if the server refuses such a statement, its rows are written again one by
 /// one, each under its own savepoint, so that exactly the refused rows are reported.
+///
+/// With `insert_first` (rows that are probably new), a run goes first as a plain
+/// `INSERT`, which PostgreSQL writes in about half the time of an upsert; once one
+/// is refused (a row was there), the runs go as upserts.
 fn upsert_rows(
     client: &mut Client,
     table: &Table,
     key: &[String],
     rows: &[Row],
+    mut insert_first: bool,
 ) -> Result<Vec<RowOutcome>, postgres::Error> {
     let unique = table.key_is_unique(key);
     let mut outcomes = Vec::with_capacity(rows.len());
@@ -757,9 +762,24 @@ fn upsert_rows(
                     )
                 })
             };
+        if whole && insert_first {
+            let mut savepoint = tx.transaction()?;
+            match write_many(&mut savepoint, &mut statements, table, key, part, false) {
+                Ok(()) => {
+                    savepoint.commit()?;
+                    outcomes.extend(part.iter().map(|_| RowOutcome::Written));
+                    continue;
+                }
+                Err(e) if refusal(&e).is_some() => {
+                    savepoint.rollback()?;
+                    insert_first = false;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         if whole {
             let mut savepoint = tx.transaction()?;
-            match upsert_many(&mut savepoint, &mut statements, table, key, part) {
+            match write_many(&mut savepoint, &mut statements, table, key, part, true) {
                 Ok(()) => {
                     savepoint.commit()?;
                     outcomes.extend(part.iter().map(|_| RowOutcome::Written));
@@ -775,17 +795,19 @@ fn upsert_rows(
     Ok(outcomes)
 }
 
-/// One `INSERT .. SELECT .. FROM unnest(..) ON CONFLICT (key) DO UPDATE` for rows that
-/// each carry every field of the table. Each column's values go as one text array, so
-/// the statement's text depends on the columns alone: it is prepared and planned once
-/// per call, not once per thousand rows with a parameter and a cast per value (that
-/// took three times as long as PostgreSQL's own writing of the rows).
-fn upsert_many(
+/// One `INSERT .. SELECT .. FROM unnest(..)`, with `ON CONFLICT (key) DO UPDATE` when
+/// `upsert`, for rows that each carry every field of the table. Each column's values
+/// go as one text array, so the statement's text depends on the columns alone: it is
+/// prepared and planned once per call, not once per thousand rows with a parameter
+/// and a cast per value (that took three times as long as PostgreSQL's own writing of
+/// the rows).
+fn write_many(
     tx: &mut Transaction<'_>,
     statements: &mut Statements,
     table: &Table,
     key: &[String],
     rows: &[Row],
+    upsert: bool,
 ) -> Result<(), postgres::Error> {
     let Some(first) = rows.first() else {
         return Ok(());
@@ -817,14 +839,21 @@ fn upsert_many(
     } else {
         format!("UPDATE SET {}", others.join(", "))
     };
+    let on_conflict = if upsert {
+        format!(
+            " ON CONFLICT ({}) DO {action}",
+            key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", ")
+        )
+    } else {
+        String::new()
+    };
     let sql = format!(
-        "INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS u({}) ON CONFLICT ({}) DO {action}",
+        "INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS u({}){on_conflict}",
         table.qualified,
         numbered(&|_, c| quote(&c.name)),
         numbered(&|i, c| format!("CAST(u.v{i} AS {})", c.cast_type)),
         numbered(&|i, _| format!("${i}::text[]")),
         numbered(&|i, _| format!("v{i}")),
-        key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", "),
     );
     let statement = prepared(tx, statements, sql)?;
     let params: Vec<&(dyn ToSql + Sync)> =
@@ -894,7 +923,18 @@ impl Datasource for PostgresSource {
     ) -> Result<Vec<RowOutcome>, DatasourceError> {
         let table = self.table(entity)?;
         table.check_key(&self.name, key)?;
-        upsert_rows(&mut self.client, &table, key, rows).map_err(|e| self.failed(entity, e))
+        upsert_rows(&mut self.client, &table, key, rows, false).map_err(|e| self.failed(entity, e))
+    }
+
+    fn upsert_new(
+        &mut self,
+        entity: &str,
+        key: &[String],
+        rows: &[Row],
+    ) -> Result<Vec<RowOutcome>, DatasourceError> {
+        let table = self.table(entity)?;
+        table.check_key(&self.name, key)?;
+        upsert_rows(&mut self.client, &table, key, rows, true).map_err(|e| self.failed(entity, e))
     }
 
     fn delete(
