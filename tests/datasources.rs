@@ -1672,6 +1672,121 @@ fn postgres_types_map_and_values_convert_as_the_column_takes_them() -> TestResul
 }
 
 #[test]
+fn postgres_whole_rows_go_typed_or_as_text_and_read_back_the_same() -> TestResult {
+    let Some(mut fx) = postgres_fixture()? else {
+        return Ok(());
+    };
+    fx.other_writer(
+        "CREATE TABLE typed (
+             id int8 PRIMARY KEY, small int2, f8 float8, f4 float4, num numeric(8, 3),
+             flag bool, at timestamp, code varchar(3)
+         );",
+    )?;
+    let row = |id: i64, small: Value, f8: Value, num: Value, flag: Value, code: &str| -> Row {
+        [
+            ("id", Value::Int(id)),
+            ("small", small),
+            ("f8", f8),
+            ("f4", Value::Float(0.5)),
+            ("num", num),
+            ("flag", flag),
+            ("at", text("2024-05-01 10:00:00")),
+            ("code", text(code)),
+        ]
+        .into_iter()
+        .map(|(f, v)| (f.to_string(), v))
+        .collect()
+    };
+    // Every row carries every column, so they go as one statement of arrays: typed
+    // where each value is of the column's own type, as text where one is not (the
+    // text "12" in a smallint column) or where a typed cast could round (numeric).
+    let rows = [
+        row(
+            1,
+            Value::Int(5),
+            Value::Float(0.1),
+            Value::Float(1.125),
+            Value::Bool(false),
+            "abc",
+        ),
+        row(
+            2,
+            Value::Null,
+            Value::Float(-1234.5),
+            text("7.5"),
+            Value::Null,
+            "d",
+        ),
+    ];
+    let store = &mut fx.store;
+    assert_eq!(
+        store.upsert_new("typed", &keys(&["id"]), &rows)?,
+        written(2)
+    );
+    let mixed = [
+        row(
+            1,
+            text("12"),
+            Value::Int(3),
+            Value::Float(2.0),
+            Value::Bool(true),
+            "xyz",
+        ),
+        row(
+            3,
+            Value::Int(-7),
+            Value::Null,
+            Value::Int(4),
+            Value::Bool(true),
+            "",
+        ),
+    ];
+    assert_eq!(fx.upsert("typed", &["id"], &mixed)?, written(2));
+    let read: Vec<String> = fx
+        .rows("typed")?
+        .into_iter()
+        .map(|r| {
+            ["id", "small", "f8", "f4", "num", "flag", "at", "code"]
+                .map(|f| r[f].to_text())
+                .join("|")
+        })
+        .collect();
+    assert_eq!(
+        read,
+        [
+            "1|12|3|0.5|2|true|2024-05-01 10:00:00|xyz",
+            "2||-1234.5|0.5|7.5||2024-05-01 10:00:00|d",
+            "3|-7||0.5|4|true|2024-05-01 10:00:00|",
+        ]
+    );
+    Ok(())
+}
+
+#[test]
+fn postgres_a_write_after_the_table_changed_reads_it_again() -> TestResult {
+    let Some(mut fx) = postgres_fixture()? else {
+        return Ok(());
+    };
+    let kathleen = fx.person(7, "Kathleen", Some(30));
+    assert_eq!(fx.upsert("people", &["id"], &[kathleen])?, written(1));
+    // Writes reuse the table's description while they succeed; this one meets the
+    // dropped column and fails whole, and the next reads the table again, so it
+    // refuses exactly the row that names the column and writes the other.
+    fx.other_writer("ALTER TABLE people DROP COLUMN age")?;
+    let mary = fx.person(8, "Mary", Some(50));
+    let stale = fx.upsert("people", &["id"], std::slice::from_ref(&mary));
+    assert!(stale.is_err(), "{stale:?}");
+    let ida = fx.row(&[("id", Value::Int(9)), ("name", text("Ida"))]);
+    let outcomes = fx.upsert("people", &["id"], &[mary, ida])?;
+    assert!(
+        refused_reason(&outcomes[0]).is_some_and(|r| r.contains("age")),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[1], RowOutcome::Written);
+    Ok(())
+}
+
+#[test]
 fn postgres_upsert_without_a_unique_key_updates_then_inserts() -> TestResult {
     let Some(mut fx) = postgres_fixture()? else {
         return Ok(());

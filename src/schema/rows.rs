@@ -105,12 +105,28 @@ pub(crate) struct RowWrites {
     refused: Vec<(Vec<u8>, Vec<String>, String)>,
 }
 
+impl RowWrites {
+    pub(crate) fn len(&self) -> usize {
+        self.upserts.len() + self.deletes.len() + self.refused.len()
+    }
+
+    /// Adds the rows of a later read (of other rows: a session reads each row once).
+    pub(crate) fn append(&mut self, mut later: RowWrites) {
+        self.upserts.append(&mut later.upserts);
+        self.deletes.append(&mut later.deletes);
+        self.refused.append(&mut later.refused);
+    }
+}
+
 /// What writing rows did, with the prefixes whose marks may go and those that stay.
 #[derive(Debug, Default)]
 pub(crate) struct Written {
     pub(crate) report: ApplyReport,
     pub(crate) done: Vec<Vec<u8>>,
     pub(crate) refused: Vec<Vec<u8>>,
+    /// The rows written, for the thread that read them to free (see
+    /// `TableReplica::send_to`).
+    pub(crate) spent: Vec<Row>,
 }
 
 impl Written {
@@ -118,6 +134,7 @@ impl Written {
         self.report.absorb(other.report);
         self.done.extend(other.done);
         self.refused.extend(other.refused);
+        self.spent.extend(other.spent);
     }
 }
 
@@ -267,9 +284,10 @@ impl RowShape {
                 datasource.upsert(&self.entity, &self.key, &rows)
             }
             .map_err(SchemaError::from)?;
-            for ((prefix, row), outcome) in prefixes.into_iter().zip(rows).zip(outcomes) {
-                self.settle(&mut written, prefix, &row, outcome, false);
+            for ((prefix, row), outcome) in prefixes.into_iter().zip(&rows).zip(outcomes) {
+                self.settle(&mut written, prefix, row, outcome, false);
             }
+            written.spent.extend(rows);
         }
         let (prefixes, keys): (Vec<Vec<u8>>, Vec<Row>) = writes.deletes.into_iter().unzip();
         let outcomes = match &self.soft_delete {
@@ -278,9 +296,10 @@ impl RowShape {
                 .map_err(SchemaError::from)?,
             Some(soft) => self.mark_deleted(datasource, soft, &prefixes, &keys)?,
         };
-        for ((prefix, key), outcome) in prefixes.into_iter().zip(keys).zip(outcomes) {
-            self.settle(&mut written, prefix, &key, outcome, true);
+        for ((prefix, key), outcome) in prefixes.into_iter().zip(&keys).zip(outcomes) {
+            self.settle(&mut written, prefix, key, outcome, true);
         }
+        written.spent.extend(keys);
         Ok(written)
     }
 

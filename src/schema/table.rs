@@ -436,24 +436,42 @@ impl ItemStore for RowUnits {
         if fresh.is_empty() {
             return;
         }
-        let Ok(writer) = self.writer.lock() else {
+        let Ok(link) = self.writer.lock() else {
             return;
         };
-        if let (Some(sender), Ok(writes)) =
-            (writer.as_ref(), self.shape.read_rows(metadata, &fresh))
-        {
+        if let Some(spent) = &link.spent {
+            // Rows come back here to be freed by the thread that allocated them.
+            while let Ok(rows) = spent.try_recv() {
+                drop(rows);
+            }
+        }
+        if let (Some(sender), Ok(writes)) = (&link.rows, self.shape.read_rows(metadata, &fresh)) {
             // A writer that stopped (its datasource failed) leaves the rows pending.
             let _ = sender.send(writes);
         }
     }
 }
 
-/// Where a session's rows go to be written while it runs: `None` outside `send_to`.
-type RowWriter = Arc<std::sync::Mutex<Option<std::sync::mpsc::SyncSender<RowWrites>>>>;
+/// A session's link to its writer thread (see `send_to`): rows go out to be written,
+/// and come back to be freed. glibc frees a block another thread allocated under that
+/// thread's arena lock: freeing the rows in the writer cost it a third of its time,
+/// most of it waiting for the lock the reading thread held while allocating.
+#[derive(Default)]
+struct WriterLink {
+    rows: Option<std::sync::mpsc::SyncSender<RowWrites>>,
+    spent: Option<std::sync::mpsc::Receiver<Vec<Row>>>,
+}
+
+/// Where a session's rows go to be written while it runs: empty outside `send_to`.
+type RowWriter = Arc<std::sync::Mutex<WriterLink>>;
 
 /// Batches of rows read and not yet written, at most: a session that runs ahead of its
 /// writer waits for it rather than holding the whole sync in memory.
 const WRITER_QUEUE: usize = 4;
+
+/// Rows the writer gathers from the queue into one datasource call, at most (give or
+/// take a batch).
+const WRITE_ROWS_AT_ONCE: usize = 10_000;
 
 // ---- the table replica ----------------------------------------------------------------
 
@@ -1158,17 +1176,33 @@ impl TableReplica {
         // and written by a thread of their own, while the session goes on: the
         // datasource's time overlaps the session's instead of following it.
         let (sender, receiver) = std::sync::mpsc::sync_channel::<RowWrites>(WRITER_QUEUE);
-        if let Ok(mut writer) = other.writer.lock() {
-            *writer = Some(sender);
+        let (spent_sender, spent) = std::sync::mpsc::channel::<Vec<Row>>();
+        if let Ok(mut link) = other.writer.lock() {
+            *link = WriterLink {
+                rows: Some(sender),
+                spent: Some(spent),
+            };
         }
         let shape = Arc::clone(&other.shape);
         let datasource = &mut other.datasource;
         let (stats, (mut written, failed)) = std::thread::scope(|scope| {
             let worker = scope.spawn(move || {
                 let mut written = Written::default();
-                for writes in receiver {
+                while let Ok(mut writes) = receiver.recv() {
+                    // Batches that queued up while the last write ran go as one write:
+                    // a datasource call costs round trips whatever its size.
+                    while writes.len() < WRITE_ROWS_AT_ONCE {
+                        match receiver.try_recv() {
+                            Ok(more) => writes.append(more),
+                            Err(_) => break,
+                        }
+                    }
                     match shape.write_rows(&mut **datasource, writes) {
-                        Ok(w) => written.absorb(w),
+                        Ok(mut w) => {
+                            // Rows the session is gone for are freed here.
+                            let _ = spent_sender.send(std::mem::take(&mut w.spent));
+                            written.absorb(w);
+                        }
                         // What is not written stays pending.
                         Err(e) => return (written, Some(e)),
                     }
@@ -1183,9 +1217,11 @@ impl TableReplica {
                 &SystemClock,
             );
             // Closing the queue ends the writer once it has written what it holds.
-            if let Ok(mut writer) = other.writer.lock() {
-                *writer = None;
-            }
+            let link = other
+                .writer
+                .lock()
+                .map(|mut link| std::mem::take(&mut *link));
+            drop(link);
             let written = worker.join().unwrap_or_else(|_| {
                 let reason = "the thread writing rows into the datasource panicked".into();
                 (Written::default(), Some(SchemaError::Table { reason }))

@@ -118,6 +118,10 @@ pub struct PostgresSource {
     name: String,
     schema: String,
     client: Client,
+    /// The description the last write read, reused by the writes that follow while
+    /// they succeed (a sync writes one entity in many calls; reading the catalog each
+    /// time cost three queries a call). A failed write forgets it.
+    write_table: Option<(String, std::sync::Arc<Table>)>,
 }
 
 impl fmt::Debug for PostgresSource {
@@ -176,6 +180,7 @@ impl PostgresSource {
             name: name.to_string(),
             schema: schema.to_string(),
             client,
+            write_table: None,
         })
     }
 
@@ -795,12 +800,106 @@ fn upsert_rows(
     Ok(outcomes)
 }
 
+/// One column's values for `unnest`: as the column's own kind of number or flag, or
+/// as borrowed text, when every value is one; else as text (each value's `to_text`),
+/// which the statement casts. Typed arrays spare formatting every value here and
+/// parsing it there.
+enum ColumnValues<'a> {
+    Int(Vec<Option<i64>>),
+    Float(Vec<Option<f64>>),
+    Bool(Vec<Option<bool>>),
+    Text(Vec<Option<&'a str>>),
+    AsText(Vec<Option<String>>),
+}
+
+impl<'a> ColumnValues<'a> {
+    fn of(column: &Column, rows: &'a [Row]) -> Self {
+        let values = || rows.iter().map(|r| r.get(&column.name));
+        // Numbers and flags go typed only into columns of exactly that type: a cast
+        // from float8 to numeric, say, would round where one from text does not.
+        let exact = matches!(
+            (column.field_type, column.cast_type.as_str()),
+            (FieldType::Int, "bigint" | "integer" | "smallint")
+                | (FieldType::Float, "double precision")
+                | (FieldType::Bool, "boolean")
+                | (FieldType::Text, _)
+        );
+        if !exact {
+            return ColumnValues::AsText(
+                values()
+                    .map(|v| v.and_then(|v| bound_text(v, column.field_type)))
+                    .collect(),
+            );
+        }
+        let typed = match column.field_type {
+            FieldType::Int => values()
+                .map(|v| match v {
+                    None | Some(Value::Null) => Some(None),
+                    Some(Value::Int(i)) => Some(Some(*i)),
+                    Some(_) => None,
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(ColumnValues::Int),
+            FieldType::Float => values()
+                .map(|v| match v {
+                    None | Some(Value::Null) => Some(None),
+                    Some(Value::Float(x)) => Some(Some(*x)),
+                    Some(_) => None,
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(ColumnValues::Float),
+            FieldType::Bool => values()
+                .map(|v| match v {
+                    None | Some(Value::Null) => Some(None),
+                    Some(Value::Bool(b)) => Some(Some(*b)),
+                    Some(_) => None,
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(ColumnValues::Bool),
+            FieldType::Text => values()
+                .map(|v| match v {
+                    None | Some(Value::Null) => Some(None),
+                    Some(Value::Text(t)) => Some(Some(t.as_str())),
+                    Some(_) => None,
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(ColumnValues::Text),
+        };
+        typed.unwrap_or_else(|| {
+            ColumnValues::AsText(
+                values()
+                    .map(|v| v.and_then(|v| bound_text(v, column.field_type)))
+                    .collect(),
+            )
+        })
+    }
+
+    fn sql_type(&self) -> &'static str {
+        match self {
+            ColumnValues::Int(_) => "int8[]",
+            ColumnValues::Float(_) => "float8[]",
+            ColumnValues::Bool(_) => "bool[]",
+            ColumnValues::Text(_) | ColumnValues::AsText(_) => "text[]",
+        }
+    }
+
+    fn param(&self) -> &(dyn ToSql + Sync) {
+        match self {
+            ColumnValues::Int(v) => v,
+            ColumnValues::Float(v) => v,
+            ColumnValues::Bool(v) => v,
+            ColumnValues::Text(v) => v,
+            ColumnValues::AsText(v) => v,
+        }
+    }
+}
+
 /// One `INSERT .. SELECT .. FROM unnest(..)`, with `ON CONFLICT (key) DO UPDATE` when
 /// `upsert`, for rows that each carry every field of the table. Each column's values
-/// go as one text array, so the statement's text depends on the columns alone: it is
-/// prepared and planned once per call, not once per thousand rows with a parameter
-/// and a cast per value (that took three times as long as PostgreSQL's own writing of
-/// the rows).
+/// go as one array ([`ColumnValues`]), so the statement's text depends on the columns
+/// alone: it is prepared and planned once per call, not once per thousand rows with a
+/// parameter and a cast per value (that took three times as long as PostgreSQL's own
+/// writing of the rows).
 fn write_many(
     tx: &mut Transaction<'_>,
     statements: &mut Statements,
@@ -813,14 +912,7 @@ fn write_many(
         return Ok(());
     };
     let columns: Vec<&Column> = first.keys().filter_map(|c| table.column(c)).collect();
-    let arrays: Vec<Vec<Option<String>>> = columns
-        .iter()
-        .map(|c| {
-            rows.iter()
-                .map(|r| r.get(&c.name).and_then(|v| table.bound(&c.name, v)))
-                .collect()
-        })
-        .collect();
+    let arrays: Vec<ColumnValues<'_>> = columns.iter().map(|c| ColumnValues::of(c, rows)).collect();
     let numbered = |f: &dyn Fn(usize, &Column) -> String| {
         columns
             .iter()
@@ -852,14 +944,42 @@ fn write_many(
         table.qualified,
         numbered(&|_, c| quote(&c.name)),
         numbered(&|i, c| format!("CAST(u.v{i} AS {})", c.cast_type)),
-        numbered(&|i, _| format!("${i}::text[]")),
+        columns
+            .iter()
+            .zip(&arrays)
+            .enumerate()
+            .map(|(i, (_, a))| format!("${}::{}", i + 1, a.sql_type()))
+            .collect::<Vec<_>>()
+            .join(", "),
         numbered(&|i, _| format!("v{i}")),
     );
     let statement = prepared(tx, statements, sql)?;
-    let params: Vec<&(dyn ToSql + Sync)> =
-        arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+    let params: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(ColumnValues::param).collect();
     tx.execute(&statement, &params)?;
     Ok(())
+}
+
+impl PostgresSource {
+    /// `upsert` and `upsert_new`, with the description of `entity` that earlier writes
+    /// read (see `write_table`).
+    fn write_rows(
+        &mut self,
+        entity: &str,
+        key: &[String],
+        rows: &[Row],
+        insert_first: bool,
+    ) -> Result<Vec<RowOutcome>, DatasourceError> {
+        let table = match &self.write_table {
+            Some((name, table)) if name == entity => std::sync::Arc::clone(table),
+            _ => std::sync::Arc::new(self.table(entity)?),
+        };
+        self.write_table = None;
+        table.check_key(&self.name, key)?;
+        let outcomes = upsert_rows(&mut self.client, &table, key, rows, insert_first)
+            .map_err(|e| self.failed(entity, e))?;
+        self.write_table = Some((entity.to_string(), table));
+        Ok(outcomes)
+    }
 }
 
 impl Datasource for PostgresSource {
@@ -921,9 +1041,7 @@ impl Datasource for PostgresSource {
         key: &[String],
         rows: &[Row],
     ) -> Result<Vec<RowOutcome>, DatasourceError> {
-        let table = self.table(entity)?;
-        table.check_key(&self.name, key)?;
-        upsert_rows(&mut self.client, &table, key, rows, false).map_err(|e| self.failed(entity, e))
+        self.write_rows(entity, key, rows, false)
     }
 
     fn upsert_new(
@@ -932,9 +1050,7 @@ impl Datasource for PostgresSource {
         key: &[String],
         rows: &[Row],
     ) -> Result<Vec<RowOutcome>, DatasourceError> {
-        let table = self.table(entity)?;
-        table.check_key(&self.name, key)?;
-        upsert_rows(&mut self.client, &table, key, rows, true).map_err(|e| self.failed(entity, e))
+        self.write_rows(entity, key, rows, true)
     }
 
     fn delete(
