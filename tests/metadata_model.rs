@@ -855,3 +855,64 @@ fn pending_marks_are_one_record_per_commit_and_clearing_keeps_the_rest() -> Test
     assert!(err.to_string().contains("pending-apply set"), "{err}");
     Ok(())
 }
+
+#[test]
+fn records_with_a_prefix_are_the_same_from_memory_and_from_a_scan() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut r = Replica::create(&dir.path().join("r"))?;
+    let id = |s: &str| ItemId::new(s.as_bytes());
+    // Rows "r<n>." with a few units each; pages for the first half, loose records
+    // for the rest and for some units of the first half (shadowing page entries).
+    r.set_fold_threshold(1);
+    let names: Vec<String> = (0..40).map(|n| format!("r{n}.")).collect();
+    let mut batch = Vec::new();
+    for (n, row) in names.iter().enumerate().take(20) {
+        batch.push((id(row)?, Some(vec![b'e'])));
+        for unit in 0..n % 4 {
+            batch.push((id(&format!("{row}{unit}"))?, Some(vec![b'p'])));
+        }
+    }
+    batch.sort_by(|a, b| a.0.cmp(&b.0));
+    r.apply_local(&batch)?;
+    r.set_fold_threshold(8);
+    for (n, row) in names.iter().enumerate() {
+        if n >= 20 {
+            r.put(&id(row)?, b"e")?;
+        }
+        if n % 3 == 0 {
+            r.put(&id(&format!("{row}9"))?, b"l")?;
+        }
+    }
+    r.delete(&id("r5.")?)?;
+    // Each item of a row with its data (none for a tombstone).
+    type Records = Vec<(ItemId, Vec<u8>)>;
+    let expected = |row: &str| -> Result<Records, StoreError> {
+        Ok(r.item_metas()?
+            .into_iter()
+            .filter(|(i, _)| i.as_bytes().starts_with(row.as_bytes()))
+            .map(|(i, m)| {
+                let data = if m.deleted {
+                    Vec::new()
+                } else {
+                    r.get(&i).ok().flatten().unwrap_or_default()
+                };
+                (i, data)
+            })
+            .collect())
+    };
+    let read = |row: &str| -> Result<Records, Box<dyn std::error::Error>> {
+        Ok(r.metadata()
+            .records_with_prefix(&id(row)?)?
+            .into_iter()
+            .map(|(i, (_, data))| (i, data.unwrap_or_default()))
+            .collect())
+    };
+    // In order, as a batch reads them (from memory after the first few), then every
+    // third one cold (by a scan): the same records either way.
+    for row in names.iter().chain(names.iter().step_by(3).rev()) {
+        let want = expected(row)?;
+        assert!(!want.is_empty() || row == "r5.", "{row}");
+        assert_eq!(read(row)?, want, "row {row}");
+    }
+    Ok(())
+}

@@ -68,6 +68,19 @@ fn index_key(prefix: u8, replica: &[u8; 16], n: u64) -> [u8; 25] {
 
 /// The loose record keys `[from, to)` of the ids between two item page keys (`None`:
 /// to the end of the ids).
+/// The least byte string above every string that starts with `prefix` (`None`: there
+/// is none, the prefix being all `FF`s).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xFF {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
 fn loose_keys_between(page: &[u8], upper: Option<&[u8]>) -> (Vec<u8>, Vec<u8>) {
     let to = upper.map_or_else(|| vec![PREFIX_ITEM + 1], |u| prefixed(PREFIX_ITEM, &u[1..]));
     (prefixed(PREFIX_ITEM, &page[1..]), to)
@@ -466,6 +479,50 @@ impl MetadataStore {
         self.with_item_record(id, |record| {
             ItemMeta::decode_with_data(record).map(|(meta, data)| (meta, data.map(<[u8]>::to_vec)))
         })
+    }
+
+    /// The records of the items whose ids start with `first`'s, `first` included, in id
+    /// order: a table row's units. Answered from what lookups read ahead when that
+    /// covers them all, as it does within a sorted batch; else by a scan.
+    pub fn records_with_prefix(
+        &self,
+        first: &ItemId,
+    ) -> Result<Vec<(ItemId, ItemRecord)>, MetadataError> {
+        let prefix = first.as_bytes();
+        let head = self.item_record(first)?;
+        let end = prefix_end(prefix);
+        {
+            let nearby = self.nearby.lock().unwrap_or_else(|p| p.into_inner());
+            if let Nearby::Filled(records) = &*nearby {
+                let lo = prefixed(PREFIX_PAGE, prefix);
+                let hi = end.as_ref().map(|e| prefixed(PREFIX_PAGE, e));
+                let covered = records.holds(&lo)
+                    && match (&hi, &records.end) {
+                        (_, None) => true,
+                        (Some(hi), Some(until)) => hi <= until,
+                        (None, Some(_)) => false,
+                    };
+                if covered {
+                    return records.records_between(self, prefix, end.as_deref());
+                }
+            }
+        }
+        // Outside what was read ahead: the first record as looked up, the rest by a scan.
+        let mut out: Vec<(ItemId, ItemRecord)> =
+            head.map(|r| (first.clone(), r)).into_iter().collect();
+        for entry in self.items_from(prefix) {
+            let (id, _) = entry?;
+            if !id.as_bytes().starts_with(prefix) {
+                break;
+            }
+            if id == *first {
+                continue;
+            }
+            if let Some(record) = self.item_record(&id)? {
+                out.push((id, record));
+            }
+        }
+        Ok(out)
     }
 
     /// The data of an item of the built-in store (the tail of its item record).
@@ -1151,6 +1208,67 @@ struct NearbyRecords {
 impl NearbyRecords {
     fn holds(&self, key: &[u8]) -> bool {
         *self.start <= *key && self.end.as_deref().is_none_or(|end| key < end)
+    }
+
+    /// The records of ids in `[from, to)` (`to` = `None`: no bound), loose records
+    /// over page entries, in id order. The range must lie within what this holds.
+    fn records_between(
+        &self,
+        store: &MetadataStore,
+        from: &[u8],
+        to: Option<&[u8]>,
+    ) -> Result<Vec<(ItemId, ItemRecord)>, MetadataError> {
+        let below_to = |id: &[u8]| to.is_none_or(|to| id < to);
+        let page = &self.page[..];
+        let first_entry = self
+            .entries
+            .partition_point(|(at, _)| &page[at.clone()] < from);
+        let first_loose = self.loose.partition_point(|(id, _)| id.as_slice() < from);
+        let mut entries = self.entries[first_entry..]
+            .iter()
+            .map(|(at, rec)| (&page[at.clone()], &page[rec.clone()]))
+            .take_while(|(id, _)| below_to(id))
+            .peekable();
+        let mut loose = self.loose[first_loose..]
+            .iter()
+            .map(|(id, rec)| (id.as_slice(), &rec[..]))
+            .take_while(|(id, _)| below_to(id))
+            .peekable();
+        let mut out = Vec::new();
+        loop {
+            let (id, record, from_page) = match (entries.peek(), loose.peek()) {
+                (None, None) => break,
+                (Some((e, _)), Some((l, _))) if e < l => {
+                    let (id, rec) = entries.next().expect("peeked");
+                    (id, rec, true)
+                }
+                (Some((e, _)), Some((l, _))) if e == l => {
+                    // The loose record is the item's record.
+                    entries.next();
+                    let (id, rec) = loose.next().expect("peeked");
+                    (id, rec, false)
+                }
+                (Some(_), None) => {
+                    let (id, rec) = entries.next().expect("peeked");
+                    (id, rec, true)
+                }
+                _ => {
+                    let (id, rec) = loose.next().expect("peeked");
+                    (id, rec, false)
+                }
+            };
+            let damaged = |r: String| {
+                if from_page {
+                    store.damaged_item(id, &self.page_key, r)
+                } else {
+                    store.damaged(&prefixed(PREFIX_ITEM, id), r)
+                }
+            };
+            let item = ItemId::new(id).map_err(|e| damaged(e.to_string()))?;
+            let (meta, data) = ItemMeta::decode_with_data(record).map_err(damaged)?;
+            out.push((item, (meta, data.map(<[u8]>::to_vec))));
+        }
+        Ok(out)
     }
 
     fn read<T>(

@@ -124,7 +124,7 @@ impl Projection {
     /// The row fields to write from `units` (unit name → value; a unit missing from the
     /// map leaves the fields it comes from alone).
     pub fn write(&self, units: &BTreeMap<String, Value>) -> Result<Row, UnitError> {
-        self.write_plan().write(units)
+        self.write_plan().write(units.clone())
     }
 
     /// How units become row fields, worked out once for many rows.
@@ -230,7 +230,9 @@ enum WriteStep {
 }
 
 impl WritePlan {
-    pub(crate) fn write(&self, units: &BTreeMap<String, Value>) -> Result<Row, UnitError> {
+    /// The row fields of `units`, whose values move into the row where a unit is
+    /// written once.
+    pub(crate) fn write(&self, mut units: BTreeMap<String, Value>) -> Result<Row, UnitError> {
         let mut row = Row::new();
         for step in &self.steps {
             match step {
@@ -253,12 +255,17 @@ impl WritePlan {
                     }
                 }
                 WriteStep::One { field, unit, back } => {
-                    let Some(value) = units.get(unit) else {
+                    let back = match units.get(unit) {
+                        None => continue,
+                        Some(_) => back.as_ref().map_err(Clone::clone)?,
+                    };
+                    // A unit read by one single-field rule is written once: it moves.
+                    let Some(value) = units.remove(unit) else {
                         continue;
                     };
-                    let value = match back.as_ref().map_err(Clone::clone)? {
-                        None => value.clone(),
-                        Some(t) => t.apply(value).map_err(|e| UnitError {
+                    let value = match back {
+                        None => value,
+                        Some(t) => t.apply(&value).map_err(|e| UnitError {
                             field: field.clone(),
                             reason: e.to_string(),
                         })?,

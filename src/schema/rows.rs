@@ -179,9 +179,14 @@ impl RowShape {
                 }
             ),
         };
-        let Some((meta, data)) = metadata
-            .item_record(&unit_id(prefix, "")?)
-            .map_err(StoreError::from)?
+        let exists = unit_id(prefix, "")?;
+        let records = metadata
+            .records_with_prefix(&exists)
+            .map_err(StoreError::from)?;
+        let mut records = records.into_iter();
+        let Some((meta, data)) = records
+            .next()
+            .and_then(|(id, record)| (id == exists).then_some(record))
         else {
             return Ok(None);
         };
@@ -196,17 +201,22 @@ impl RowShape {
         let mut fresh = meta.creation == meta.version;
         decode_snapshot(data.as_deref().unwrap_or_default(), &mut values)
             .map_err(|reason| damaged("", reason))?;
-        for unit in &self.unit_names {
-            let record = metadata
-                .item_record(&unit_id(prefix, unit)?)
-                .map_err(StoreError::from)?;
-            let Some((meta, data)) = record else {
+        // The row's field units follow its existence unit in id order.
+        for (id, (meta, data)) in records {
+            fresh = false;
+            let Ok(unit) = std::str::from_utf8(&id.as_bytes()[prefix.len()..]) else {
                 continue;
             };
-            fresh = false;
+            if self
+                .unit_names
+                .binary_search_by(|u| u.as_str().cmp(unit))
+                .is_err()
+            {
+                continue;
+            }
             if let (false, Some(data)) = (meta.deleted, data) {
                 let value = decode_value(&data).map_err(|reason| damaged(unit, reason))?;
-                values.insert(unit.clone(), value);
+                values.insert(unit.to_string(), value);
             }
         }
         Ok(Some(StoredRow {
@@ -224,24 +234,29 @@ impl RowShape {
     ) -> Result<RowWrites, SchemaError> {
         let mut writes = RowWrites::default();
         for prefix in prefixes {
-            let key_text = key_of_prefix(prefix);
-            let mut row: Row = self
-                .key
-                .iter()
-                .cloned()
-                .zip(key_text.into_iter().map(Value::Text))
-                .collect();
+            // The key as the prefix holds it (text): what a delete goes by, and what a
+            // row falls back on where no unit gives a key field its typed value.
+            let key_row = || -> Row {
+                self.key
+                    .iter()
+                    .cloned()
+                    .zip(key_of_prefix(prefix).into_iter().map(Value::Text))
+                    .collect()
+            };
             let (units, fresh) = match self.stored_row(metadata, prefix)? {
                 Some(stored) if stored.live => (stored.values, stored.fresh),
                 _ => {
-                    writes.deletes.push((prefix.clone(), row));
+                    writes.deletes.push((prefix.clone(), key_row()));
                     continue;
                 }
             };
-            match self.plan.write(&units) {
-                Ok(fields) => {
-                    // Typed values from the units win over the prefix's key text.
-                    row.extend(fields);
+            match self.plan.write(units) {
+                Ok(mut row) => {
+                    if self.key.iter().any(|k| !row.contains_key(k)) {
+                        for (field, value) in key_row() {
+                            row.entry(field).or_insert(value);
+                        }
+                    }
                     // A row that arrives revives one this side marked deleted.
                     if let Some(soft) = &self.soft_delete {
                         row.entry(soft.field.clone())
@@ -251,7 +266,7 @@ impl RowShape {
                 }
                 Err(e) => writes.refused.push((
                     prefix.clone(),
-                    self.key_text(&row),
+                    key_of_prefix(prefix),
                     format!("field {}: {}", e.field, e.reason),
                 )),
             }
