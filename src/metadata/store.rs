@@ -986,43 +986,66 @@ impl MetadataStore {
         page: OpenPage,
         group: Vec<(ItemId, PendingItem)>,
     ) -> Result<(), MetadataError> {
-        let mut entries: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-        if let Some(bytes) = &page.bytes {
-            for (id, record) in item_entries(bytes).map_err(|r| self.damaged(&page.key, r))? {
-                entries.insert(id.to_vec(), record.to_vec());
-            }
-        }
+        // Page entries, loose records of the page's range over them, then the commit's
+        // items over both: three runs sorted by id, merged (the items of a big initial
+        // commit land in one page, so this is their whole cost).
+        let stored: Vec<(&[u8], &[u8])> = match &page.bytes {
+            Some(bytes) => item_entries(bytes).map_err(|r| self.damaged(&page.key, r))?,
+            None => Vec::new(),
+        };
         let (from, to) = loose_keys_between(&page.key, page.upper.as_deref());
+        let mut loose: Vec<(Bytes, Bytes)> = Vec::new();
         for entry in self
             .backend
             .range(Bound::Included(&from), Bound::Excluded(&to))
         {
             let (key, record) = entry.map_err(|e| self.storage(e))?;
-            entries.insert(key[1..].to_vec(), record.to_vec());
             batch.remove(&key);
+            loose.push((key, record));
         }
+        let mut base: Vec<(&[u8], &[u8])> = Vec::with_capacity(stored.len() + loose.len());
+        let mut loose_records = loose.iter().map(|(k, r)| (&k[1..], &r[..])).peekable();
+        for entry in stored {
+            while let Some(l) = loose_records.next_if(|(id, _)| *id < entry.0) {
+                base.push(l);
+            }
+            match loose_records.next_if(|(id, _)| *id == entry.0) {
+                // The loose record is the item's record.
+                Some(l) => base.push(l),
+                None => base.push(entry),
+            }
+        }
+        base.extend(loose_records);
+        let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(base.len() + group.len());
+        let mut base = base.into_iter().peekable();
         for (id, pending) in group {
+            let id = id.as_bytes();
+            while let Some((i, r)) = base.next_if(|(i, _)| *i < id) {
+                entries.push((i.to_vec(), r.to_vec()));
+            }
+            let existing = base.next_if(|(i, _)| *i == id);
             if matches!(pending.meta, MetaWrite::Forget) {
-                entries.remove(id.as_bytes());
                 continue;
             }
-            let stored = match entries.get(id.as_bytes()) {
-                Some(bytes) if !pending.replaces_record() => Some(
+            let stored = match existing {
+                Some((_, bytes)) if !pending.replaces_record() => Some(
                     ItemMeta::decode_with_data(bytes)
-                        .map_err(|r| self.damaged_item(id.as_bytes(), &page.key, r))?,
+                        .map_err(|r| self.damaged_item(id, &page.key, r))?,
                 ),
                 _ => None,
             };
-            if let Some(record) = pending.record(stored) {
-                entries.insert(id.as_bytes().to_vec(), record);
+            match (pending.record(stored), existing) {
+                (Some(record), _) => entries.push((id.to_vec(), record)),
+                (None, Some((i, r))) => entries.push((i.to_vec(), r.to_vec())),
+                (None, None) => {}
             }
         }
+        entries.extend(base.map(|(i, r)| (i.to_vec(), r.to_vec())));
         if entries.is_empty() {
             // An emptied page's range falls back to the page before it.
             batch.remove(&page.key);
             return Ok(());
         }
-        let entries: Vec<(&Vec<u8>, &Vec<u8>)> = entries.iter().collect();
         let sizes: Vec<usize> = entries.iter().map(|(i, r)| i.len() + r.len() + 4).collect();
         let starts = split_points(&sizes);
         for (n, &from) in starts.iter().enumerate() {
@@ -1032,7 +1055,7 @@ impl MetadataStore {
             let part_key = if n == 0 {
                 page.key.clone()
             } else {
-                prefixed(PREFIX_PAGE, part[0].0)
+                prefixed(PREFIX_PAGE, &part[0].0)
             };
             batch.insert(
                 part_key,
