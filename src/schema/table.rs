@@ -27,7 +27,7 @@
 //! - An existence unit with empty data (stores written before snapshots) has every
 //!   field in units of its own.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -118,7 +118,7 @@ struct Findings<'a> {
     changes: Vec<(ItemId, Option<Vec<u8>>)>,
     /// Row prefixes already settled (read, found absent, or pending): the Full sweep
     /// leaves them alone.
-    settled: BTreeSet<Vec<u8>>,
+    settled: HashSet<Vec<u8>>,
     /// Rows whose write into the datasource is still pending: the datasource does
     /// not show their units yet, so reading them now would mistake that for a change.
     pending: BTreeSet<Vec<u8>>,
@@ -770,7 +770,7 @@ impl TableReplica {
             observe,
             report: DetectReport::default(),
             changes: Vec::new(),
-            settled: pending.clone(),
+            settled: pending.iter().cloned().collect(),
             pending,
             retry: Vec::new(),
         };
@@ -983,7 +983,12 @@ impl TableReplica {
             .iter()
             .map(|k| row.get(k).cloned().unwrap_or(Value::Null))
             .collect();
-        let key_text: Vec<String> = key_values.iter().map(Value::to_text).collect();
+        let key_text = || {
+            key_values
+                .iter()
+                .map(Value::to_text)
+                .collect::<Vec<String>>()
+        };
         if let Some(missing) = self
             .shape
             .key
@@ -992,7 +997,7 @@ impl TableReplica {
             .find(|(_, v)| v.is_null())
         {
             found.report.failed.push(RowFailure {
-                key: key_text,
+                key: key_text(),
                 field: missing.0.clone(),
                 reason: "a key field is empty".into(),
             });
@@ -1019,7 +1024,7 @@ impl TableReplica {
             Ok(units) => units,
             Err(e) => {
                 found.report.failed.push(RowFailure {
-                    key: key_text,
+                    key: key_text(),
                     field: e.field,
                     reason: e.reason,
                 });
