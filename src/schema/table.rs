@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use crate::metadata::{Commit, MetadataStore};
 use crate::model::ItemId;
-use crate::stores::{Datasource, Replica, Row, SledItems, StoreError, Value};
+use crate::stores::{Datasource, DatasourceError, Replica, Row, SledItems, StoreError, Value};
 use crate::sync::{
     ItemStore, NoObserver, SessionOptions, SessionStats, SyncObserver, SyncReport, SystemClock,
 };
@@ -473,6 +473,141 @@ const WRITER_QUEUE: usize = 4;
 /// take a batch).
 const WRITE_ROWS_AT_ONCE: usize = 10_000;
 
+/// What change detection reads a row against: the replica's units and the side's
+/// shape. Apart from the datasource, so that rows are compared as the datasource
+/// hands them over instead of after all of them were read into memory.
+struct RowReader<'a> {
+    replica: &'a Replica,
+    shape: &'a RowShape,
+}
+
+impl RowReader<'_> {
+    /// Compares one row read from the datasource with its units.
+    fn consider_row(&self, row: Row, found: &mut Findings<'_>) -> Result<(), SchemaError> {
+        found.report.rows_read += 1;
+        if found.report.rows_read % READ_PROGRESS_EVERY == 0 {
+            (found.observe)(found.report.rows_read);
+        }
+        let key_values: Vec<Value> = self
+            .shape
+            .key
+            .iter()
+            .map(|k| row.get(k).cloned().unwrap_or(Value::Null))
+            .collect();
+        let key_text = || {
+            key_values
+                .iter()
+                .map(Value::to_text)
+                .collect::<Vec<String>>()
+        };
+        if let Some(missing) = self
+            .shape
+            .key
+            .iter()
+            .zip(&key_values)
+            .find(|(_, v)| v.is_null())
+        {
+            found.report.failed.push(RowFailure {
+                key: key_text(),
+                field: missing.0.clone(),
+                reason: "a key field is empty".into(),
+            });
+            return Ok(());
+        }
+        let prefix = row_prefix(&key_values);
+        if found.pending.contains(&prefix) || !found.settled.insert(prefix.clone()) {
+            return Ok(());
+        }
+        let soft_deleted = self
+            .shape
+            .soft_delete
+            .as_ref()
+            .and_then(|s| row.get(&s.field))
+            .is_some_and(marks_deleted);
+        if soft_deleted || !self.shape.projection.matches(&row) {
+            // Absent as far as sync goes.
+            if !soft_deleted {
+                found.report.filtered += 1;
+            }
+            return self.remove_row(&prefix, found);
+        }
+        let units = match self.shape.projection.read(&row) {
+            Ok(units) => units,
+            Err(e) => {
+                found.report.failed.push(RowFailure {
+                    key: key_text(),
+                    field: e.field,
+                    reason: e.reason,
+                });
+                found.retry.push(key_values);
+                return Ok(());
+            }
+        };
+        let exists = unit_id(&prefix, "")?;
+        match self.shape.stored_row(self.replica.metadata(), &prefix)? {
+            None => {
+                // The row is new here: one item, its snapshot, carries every field.
+                found.changes.push((exists, Some(encode_snapshot(&units))));
+                found.report.inserted += 1;
+            }
+            Some(stored) if !stored.live => {
+                // Back after a delete: a new snapshot, and a new version of every field
+                // unit, so that a concurrent edit of a field elsewhere is a conflict
+                // and not silently laid over the new row.
+                found.changes.push((exists, Some(encode_snapshot(&units))));
+                for (unit, value) in units {
+                    found
+                        .changes
+                        .push((unit_id(&prefix, &unit)?, Some(encode_value(&value))));
+                }
+                found.report.inserted += 1;
+            }
+            Some(stored) => {
+                let mut changed = false;
+                for (unit, value) in units {
+                    if stored
+                        .values
+                        .get(&unit)
+                        .is_none_or(|s| !same_value(s, &value))
+                    {
+                        found
+                            .changes
+                            .push((unit_id(&prefix, &unit)?, Some(encode_value(&value))));
+                        changed = true;
+                    }
+                }
+                if changed {
+                    found.report.updated += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tombstones for every live unit of a row that is absent (gone, filtered out or
+    /// marked deleted).
+    fn remove_row(&self, prefix: &[u8], found: &mut Findings<'_>) -> Result<(), SchemaError> {
+        found.settled.insert(prefix.to_vec());
+        for entry in self.replica.metadata().items_from(prefix) {
+            let (id, meta) = entry.map_err(StoreError::from)?;
+            let Some((of, unit)) = split_unit(id.as_bytes()) else {
+                break;
+            };
+            if of != prefix {
+                break;
+            }
+            if meta.deleted {
+                continue;
+            }
+            if unit.is_empty() {
+                found.report.deleted += 1;
+            }
+            found.changes.push((id, None));
+        }
+        Ok(())
+    }
+}
+
 // ---- the table replica ----------------------------------------------------------------
 
 /// One entity of one datasource, kept as a replica whose metadata lives in its own
@@ -610,6 +745,13 @@ impl TableReplica {
 
     pub fn replica(&mut self) -> &mut Replica {
         &mut self.replica
+    }
+
+    fn row_reader(&self) -> RowReader<'_> {
+        RowReader {
+            replica: &self.replica,
+            shape: &self.shape,
+        }
     }
 
     /// Moves this side's clock past `other`'s, so that what this side detects next is
@@ -836,12 +978,12 @@ impl TableReplica {
                     },
                 )?;
                 for row in rows {
-                    self.consider_row(row, &mut found)?;
+                    self.row_reader().consider_row(row, &mut found)?;
                 }
                 // A tracked key whose row is gone was deleted.
                 for prefix in wanted {
                     if !found.settled.contains(&prefix) {
-                        self.remove_row(&prefix, &mut found)?;
+                        self.row_reader().remove_row(&prefix, &mut found)?;
                     }
                 }
                 Some(Anchor::Tracking(next))
@@ -883,7 +1025,7 @@ impl TableReplica {
                     if let Some(v) = row.get(&column) {
                         highest = Anchor::max_value(highest, v);
                     }
-                    self.consider_row(row, &mut found)?;
+                    self.row_reader().consider_row(row, &mut found)?;
                 }
                 highest.map(Anchor::ModifiedAt)
             }
@@ -937,22 +1079,33 @@ impl TableReplica {
         found: &mut Findings<'_>,
         watch: bool,
     ) -> Result<Option<Value>, SchemaError> {
-        let mut rows: Vec<Row> = Vec::new();
-        self.datasource
-            .scan(&self.shape.entity, &mut |row| {
-                rows.push(row);
-                Ok(())
-            })
-            .map_err(SchemaError::from)?;
+        let reader = RowReader {
+            replica: &self.replica,
+            shape: &self.shape,
+        };
+        let modified_at = self.modified_at.as_ref();
         let mut highest = None;
-        for row in rows {
+        // A row that cannot be compared stops the read; its error is the one returned.
+        let mut failed: Option<SchemaError> = None;
+        let scanned = self.datasource.scan(&self.shape.entity, &mut |row| {
             if watch {
-                if let Some(v) = self.modified_at.as_ref().and_then(|c| row.get(c)) {
-                    highest = Anchor::max_value(highest, v);
+                if let Some(v) = modified_at.and_then(|c| row.get(c)) {
+                    highest = Anchor::max_value(highest.take(), v);
                 }
             }
-            self.consider_row(row, found)?;
+            reader.consider_row(row, found).map_err(|e| {
+                let stop = DatasourceError::Unavailable {
+                    datasource: String::new(),
+                    reason: e.to_string(),
+                };
+                failed = Some(e);
+                stop
+            })
+        });
+        if let Some(e) = failed {
+            return Err(e);
         }
+        scanned.map_err(SchemaError::from)?;
         // Rows the replica holds that the datasource no longer has.
         let metadata = self.replica.metadata();
         for entry in metadata.items_from(b"") {
@@ -969,131 +1122,6 @@ impl TableReplica {
             found.changes.push((id, None));
         }
         Ok(highest)
-    }
-
-    /// Compares one row read from the datasource with its units.
-    fn consider_row(&mut self, row: Row, found: &mut Findings<'_>) -> Result<(), SchemaError> {
-        found.report.rows_read += 1;
-        if found.report.rows_read % READ_PROGRESS_EVERY == 0 {
-            (found.observe)(found.report.rows_read);
-        }
-        let key_values: Vec<Value> = self
-            .shape
-            .key
-            .iter()
-            .map(|k| row.get(k).cloned().unwrap_or(Value::Null))
-            .collect();
-        let key_text = || {
-            key_values
-                .iter()
-                .map(Value::to_text)
-                .collect::<Vec<String>>()
-        };
-        if let Some(missing) = self
-            .shape
-            .key
-            .iter()
-            .zip(&key_values)
-            .find(|(_, v)| v.is_null())
-        {
-            found.report.failed.push(RowFailure {
-                key: key_text(),
-                field: missing.0.clone(),
-                reason: "a key field is empty".into(),
-            });
-            return Ok(());
-        }
-        let prefix = row_prefix(&key_values);
-        if found.pending.contains(&prefix) || !found.settled.insert(prefix.clone()) {
-            return Ok(());
-        }
-        let soft_deleted = self
-            .shape
-            .soft_delete
-            .as_ref()
-            .and_then(|s| row.get(&s.field))
-            .is_some_and(marks_deleted);
-        if soft_deleted || !self.shape.projection.matches(&row) {
-            // Absent as far as sync goes.
-            if !soft_deleted {
-                found.report.filtered += 1;
-            }
-            return self.remove_row(&prefix, found);
-        }
-        let units = match self.shape.projection.read(&row) {
-            Ok(units) => units,
-            Err(e) => {
-                found.report.failed.push(RowFailure {
-                    key: key_text(),
-                    field: e.field,
-                    reason: e.reason,
-                });
-                found.retry.push(key_values);
-                return Ok(());
-            }
-        };
-        let exists = unit_id(&prefix, "")?;
-        match self.shape.stored_row(self.replica.metadata(), &prefix)? {
-            None => {
-                // The row is new here: one item, its snapshot, carries every field.
-                found.changes.push((exists, Some(encode_snapshot(&units))));
-                found.report.inserted += 1;
-            }
-            Some(stored) if !stored.live => {
-                // Back after a delete: a new snapshot, and a new version of every field
-                // unit, so that a concurrent edit of a field elsewhere is a conflict
-                // and not silently laid over the new row.
-                found.changes.push((exists, Some(encode_snapshot(&units))));
-                for (unit, value) in units {
-                    found
-                        .changes
-                        .push((unit_id(&prefix, &unit)?, Some(encode_value(&value))));
-                }
-                found.report.inserted += 1;
-            }
-            Some(stored) => {
-                let mut changed = false;
-                for (unit, value) in units {
-                    if stored
-                        .values
-                        .get(&unit)
-                        .is_none_or(|s| !same_value(s, &value))
-                    {
-                        found
-                            .changes
-                            .push((unit_id(&prefix, &unit)?, Some(encode_value(&value))));
-                        changed = true;
-                    }
-                }
-                if changed {
-                    found.report.updated += 1;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Tombstones for every live unit of a row that is absent (gone, filtered out or
-    /// marked deleted).
-    fn remove_row(&mut self, prefix: &[u8], found: &mut Findings<'_>) -> Result<(), SchemaError> {
-        found.settled.insert(prefix.to_vec());
-        for entry in self.replica.metadata().items_from(prefix) {
-            let (id, meta) = entry.map_err(StoreError::from)?;
-            let Some((of, unit)) = split_unit(id.as_bytes()) else {
-                break;
-            };
-            if of != prefix {
-                break;
-            }
-            if meta.deleted {
-                continue;
-            }
-            if unit.is_empty() {
-                found.report.deleted += 1;
-            }
-            found.changes.push((id, None));
-        }
-        Ok(())
     }
 
     /// The second half: the changes become local versions, with the new anchor, in one
