@@ -39,7 +39,7 @@ use crate::sync::{
     ItemStore, NoObserver, SessionOptions, SessionStats, SyncObserver, SyncReport, SystemClock,
 };
 
-use super::rows::{ApplyReport, RowShape, RowWrites, SoftDelete, Written};
+use super::rows::{ApplyReport, RowShape, SoftDelete, StoredRows, Written};
 use super::watermark::{lower_bound, Anchor};
 use super::{Projection, SchemaError};
 
@@ -439,27 +439,18 @@ impl ItemStore for RowUnits {
         let Ok(link) = self.writer.lock() else {
             return;
         };
-        if let Some(spent) = &link.spent {
-            // Rows come back here to be freed by the thread that allocated them.
-            while let Ok(rows) = spent.try_recv() {
-                drop(rows);
-            }
-        }
-        if let (Some(sender), Ok(writes)) = (&link.rows, self.shape.read_rows(metadata, &fresh)) {
+        if let (Some(sender), Ok(stored)) = (&link.rows, self.shape.read_stored(metadata, &fresh)) {
             // A writer that stopped (its datasource failed) leaves the rows pending.
-            let _ = sender.send(writes);
+            let _ = sender.send(stored);
         }
     }
 }
 
-/// A session's link to its writer thread (see `send_to`): rows go out to be written,
-/// and come back to be freed. glibc frees a block another thread allocated under that
-/// thread's arena lock: freeing the rows in the writer cost it a third of its time,
-/// most of it waiting for the lock the reading thread held while allocating.
+/// A session's link to its writer thread (see `send_to`): the rows of each batch, as
+/// stored, go out to be made into datasource rows and written.
 #[derive(Default)]
 struct WriterLink {
-    rows: Option<std::sync::mpsc::SyncSender<RowWrites>>,
-    spent: Option<std::sync::mpsc::Receiver<Vec<Row>>>,
+    rows: Option<std::sync::mpsc::SyncSender<StoredRows>>,
 }
 
 /// Where a session's rows go to be written while it runs: empty outside `send_to`.
@@ -1208,13 +1199,9 @@ impl TableReplica {
         // Each batch's rows are read right after the batch commits (RowUnits::committed)
         // and written by a thread of their own, while the session goes on: the
         // datasource's time overlaps the session's instead of following it.
-        let (sender, receiver) = std::sync::mpsc::sync_channel::<RowWrites>(WRITER_QUEUE);
-        let (spent_sender, spent) = std::sync::mpsc::channel::<Vec<Row>>();
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<StoredRows>(WRITER_QUEUE);
         if let Ok(mut link) = other.writer.lock() {
-            *link = WriterLink {
-                rows: Some(sender),
-                spent: Some(spent),
-            };
+            *link = WriterLink { rows: Some(sender) };
         }
         let shape = Arc::clone(&other.shape);
         let datasource = &mut other.datasource;
@@ -1230,12 +1217,11 @@ impl TableReplica {
                             Err(_) => break,
                         }
                     }
-                    match shape.write_rows(&mut **datasource, writes) {
-                        Ok(mut w) => {
-                            // Rows the session is gone for are freed here.
-                            let _ = spent_sender.send(std::mem::take(&mut w.spent));
-                            written.absorb(w);
-                        }
+                    let done = shape
+                        .build_rows(writes)
+                        .and_then(|writes| shape.write_rows(&mut **datasource, writes));
+                    match done {
+                        Ok(w) => written.absorb(w),
                         // What is not written stays pending.
                         Err(e) => return (written, Some(e)),
                     }
