@@ -107,6 +107,10 @@ impl Detection {
 /// Most local versions one commit of a detection writes.
 const COMMIT_CHUNK: usize = 10_000;
 
+/// Rows a detection reads per chunk, and chunks read ahead of the comparing, at most.
+const SCAN_CHUNK: usize = 1000;
+const SCAN_QUEUE: usize = 4;
+
 /// Rows between two progress calls of a detection.
 const READ_PROGRESS_EVERY: u64 = 1000;
 
@@ -474,7 +478,7 @@ struct RowReader<'a> {
 
 impl RowReader<'_> {
     /// Compares one row read from the datasource with its units.
-    fn consider_row(&self, row: Row, found: &mut Findings<'_>) -> Result<(), SchemaError> {
+    fn consider_row(&self, row: &Row, found: &mut Findings<'_>) -> Result<(), SchemaError> {
         found.report.rows_read += 1;
         if found.report.rows_read % READ_PROGRESS_EVERY == 0 {
             (found.observe)(found.report.rows_read);
@@ -515,14 +519,14 @@ impl RowReader<'_> {
             .as_ref()
             .and_then(|s| row.get(&s.field))
             .is_some_and(marks_deleted);
-        if soft_deleted || !self.shape.projection.matches(&row) {
+        if soft_deleted || !self.shape.projection.matches(row) {
             // Absent as far as sync goes.
             if !soft_deleted {
                 found.report.filtered += 1;
             }
             return self.remove_row(&prefix, found);
         }
-        let units = match self.shape.projection.read(&row) {
+        let units = match self.shape.projection.read(row) {
             Ok(units) => units,
             Err(e) => {
                 found.report.failed.push(RowFailure {
@@ -969,7 +973,7 @@ impl TableReplica {
                     },
                 )?;
                 for row in rows {
-                    self.row_reader().consider_row(row, &mut found)?;
+                    self.row_reader().consider_row(&row, &mut found)?;
                 }
                 // A tracked key whose row is gone was deleted.
                 for prefix in wanted {
@@ -1016,7 +1020,7 @@ impl TableReplica {
                     if let Some(v) = row.get(&column) {
                         highest = Anchor::max_value(highest, v);
                     }
-                    self.row_reader().consider_row(row, &mut found)?;
+                    self.row_reader().consider_row(&row, &mut found)?;
                 }
                 highest.map(Anchor::ModifiedAt)
             }
@@ -1076,26 +1080,67 @@ impl TableReplica {
         };
         let modified_at = self.modified_at.as_ref();
         let mut highest = None;
-        // A row that cannot be compared stops the read; its error is the one returned.
-        let mut failed: Option<SchemaError> = None;
-        let scanned = self.datasource.scan(&self.shape.entity, &mut |row| {
-            if watch {
-                if let Some(v) = modified_at.and_then(|c| row.get(c)) {
-                    highest = Anchor::max_value(highest.take(), v);
-                }
-            }
-            reader.consider_row(row, found).map_err(|e| {
-                let stop = DatasourceError::Unavailable {
+        // The datasource is read on a thread of its own, in chunks, while this one
+        // compares; each chunk goes back to be freed where it was allocated (glibc frees
+        // another thread's blocks under that thread's arena lock).
+        let (chunks, read) = std::sync::mpsc::sync_channel::<Vec<Row>>(SCAN_QUEUE);
+        let (give_back, given_back) = std::sync::mpsc::channel::<Vec<Row>>();
+        let entity = &self.shape.entity;
+        let datasource = &mut self.datasource;
+        let (compared, scanned) = std::thread::scope(|scope| {
+            let scanner = scope.spawn(move || {
+                let mut chunk = Vec::with_capacity(SCAN_CHUNK);
+                let stopped = || DatasourceError::Unavailable {
                     datasource: String::new(),
-                    reason: e.to_string(),
+                    reason: "change detection stopped reading".into(),
                 };
-                failed = Some(e);
-                stop
-            })
+                let scanned = datasource.scan(entity, &mut |row| {
+                    chunk.push(row);
+                    if chunk.len() == SCAN_CHUNK {
+                        while let Ok(done) = given_back.try_recv() {
+                            drop(done);
+                        }
+                        let full = std::mem::replace(&mut chunk, Vec::with_capacity(SCAN_CHUNK));
+                        chunks.send(full).map_err(|_| stopped())?;
+                    }
+                    Ok(())
+                });
+                if scanned.is_ok() && !chunk.is_empty() {
+                    let _ = chunks.send(chunk);
+                }
+                drop(chunks);
+                for done in given_back {
+                    drop(done);
+                }
+                scanned
+            });
+            let compare = || -> Result<(), SchemaError> {
+                for chunk in read {
+                    for row in &chunk {
+                        if watch {
+                            if let Some(v) = modified_at.and_then(|c| row.get(c)) {
+                                highest = Anchor::max_value(highest.take(), v);
+                            }
+                        }
+                        reader.consider_row(row, found)?;
+                    }
+                    let _ = give_back.send(chunk);
+                }
+                Ok(())
+            };
+            // A row that cannot be compared stops the read (the queue closes): its
+            // error is the one returned.
+            let compared = compare();
+            drop(give_back);
+            let scanned = scanner.join().unwrap_or_else(|_| {
+                Err(DatasourceError::Unavailable {
+                    datasource: String::new(),
+                    reason: "the thread reading the datasource panicked".into(),
+                })
+            });
+            (compared, scanned)
         });
-        if let Some(e) = failed {
-            return Err(e);
-        }
+        compared?;
         scanned.map_err(SchemaError::from)?;
         // Rows the replica holds that the datasource no longer has.
         let metadata = self.replica.metadata();
