@@ -333,6 +333,8 @@ struct Flaky {
     /// Rows the datasource takes before it goes down by itself: a call that brings
     /// more fails whole, as a lost connection fails a transaction.
     rows_left: Arc<std::sync::atomic::AtomicI64>,
+    /// Reads and writes panic, as a datasource with a bug would.
+    panics: bool,
 }
 
 impl Datasource for Flaky {
@@ -350,6 +352,7 @@ impl Datasource for Flaky {
         entity: &str,
         visit: &mut dyn FnMut(Row) -> Result<(), DatasourceError>,
     ) -> Result<(), DatasourceError> {
+        assert!(!self.panics, "a bug in the datasource's scan");
         self.inner.scan(entity, visit)
     }
     fn upsert(
@@ -358,6 +361,7 @@ impl Datasource for Flaky {
         key: &[String],
         rows: &[Row],
     ) -> Result<Vec<RowOutcome>, DatasourceError> {
+        assert!(!self.panics, "a bug in the datasource's upsert");
         let rows_count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
         if self.rows_left.fetch_sub(rows_count, Ordering::SeqCst) < rows_count {
             self.down.store(true, Ordering::SeqCst);
@@ -389,6 +393,7 @@ fn a_crash_between_metadata_and_datasource_is_repaired_at_the_next_open() -> Tes
         inner: stores.csv()?,
         down: Arc::clone(&down),
         rows_left: Arc::new(i64::MAX.into()),
+        panics: false,
     };
     let mut b = stores.table("b-state", Box::new(flaky))?;
     a.detect_full()?;
@@ -426,6 +431,7 @@ fn a_datasource_that_fails_during_a_session_keeps_the_rows_it_did_not_take_pendi
         inner: stores.csv()?,
         down: Arc::new(AtomicBool::new(false)),
         rows_left: Arc::new(1.into()),
+        panics: false,
     };
     let mut b = stores.table("b-state", Box::new(flaky))?;
     a.detect_full()?;
@@ -443,6 +449,41 @@ fn a_datasource_that_fails_during_a_session_keeps_the_rows_it_did_not_take_pendi
     // the file took went when it took it.
     let b = stores.table("b-state", stores.csv()?)?;
     assert_eq!(b.recovered().upserted, 3 - taken as u64);
+    assert_eq!(rows(&mut *stores.csv()?)?, rows(&mut *stores.sqlite()?)?);
+    Ok(())
+}
+
+#[test]
+fn a_datasource_that_panics_is_an_error_that_names_it_and_its_rows_stay_pending() -> TestResult {
+    let stores = Stores::new()?;
+    let mut a = stores.table("a-state", stores.sqlite()?)?;
+    let flaky = Flaky {
+        inner: stores.csv()?,
+        down: Arc::new(AtomicBool::new(false)),
+        rows_left: Arc::new(i64::MAX.into()),
+        panics: true,
+    };
+    let mut b = stores.table("b-state", Box::new(flaky))?;
+    // Change detection reads on a thread of its own; its panic comes back as an error.
+    let detected = b.detect_full().expect_err("the scan panicked").to_string();
+    assert!(
+        detected.contains("export") && detected.contains("panicked"),
+        "{detected}"
+    );
+    // So does the panic of the thread that writes a session's rows.
+    a.detect_full()?;
+    let sent = a.send_to(&mut b, &lww(), &mut NoObserver);
+    let written = sent.expect_err("the upsert panicked").to_string();
+    assert!(
+        written.contains("export") && written.contains("panicked"),
+        "{written}"
+    );
+    assert!(rows(&mut *stores.csv()?)?.is_empty());
+    drop(b);
+
+    // The rows it did not write are still pending and reach the file at the next open.
+    let b = stores.table("b-state", stores.csv()?)?;
+    assert_eq!(b.recovered().upserted, 3);
     assert_eq!(rows(&mut *stores.csv()?)?, rows(&mut *stores.sqlite()?)?);
     Ok(())
 }

@@ -1086,12 +1086,14 @@ impl TableReplica {
         let (chunks, read) = std::sync::mpsc::sync_channel::<Vec<Row>>(SCAN_QUEUE);
         let (give_back, given_back) = std::sync::mpsc::channel::<Vec<Row>>();
         let entity = &self.shape.entity;
+        let name = self.datasource.name().to_string();
+        let scan_name = name.clone();
         let datasource = &mut self.datasource;
         let (compared, scanned) = std::thread::scope(|scope| {
-            let scanner = scope.spawn(move || {
+            let scan = move || {
                 let mut chunk = Vec::with_capacity(SCAN_CHUNK);
                 let stopped = || DatasourceError::Unavailable {
-                    datasource: String::new(),
+                    datasource: scan_name.clone(),
                     reason: "change detection stopped reading".into(),
                 };
                 let scanned = datasource.scan(entity, &mut |row| {
@@ -1113,7 +1115,11 @@ impl TableReplica {
                     drop(done);
                 }
                 scanned
-            });
+            };
+            // A named thread shows up as such in a debugger or a panic message.
+            let scanner = std::thread::Builder::new()
+                .name("knit-detect-read".into())
+                .spawn_scoped(scope, scan);
             let compare = || -> Result<(), SchemaError> {
                 for chunk in read {
                     for row in &chunk {
@@ -1132,12 +1138,17 @@ impl TableReplica {
             // error is the one returned.
             let compared = compare();
             drop(give_back);
-            let scanned = scanner.join().unwrap_or_else(|_| {
-                Err(DatasourceError::Unavailable {
-                    datasource: String::new(),
-                    reason: "the thread reading the datasource panicked".into(),
-                })
-            });
+            let scanned = match scanner.map(|thread| thread.join()) {
+                Ok(Ok(scanned)) => scanned,
+                Ok(Err(_)) => Err(DatasourceError::Unavailable {
+                    datasource: name,
+                    reason: "the thread reading it for change detection panicked".into(),
+                }),
+                Err(e) => Err(DatasourceError::Unavailable {
+                    datasource: name,
+                    reason: format!("no thread to read it for change detection: {e}"),
+                }),
+            };
             (compared, scanned)
         });
         compared?;
@@ -1249,9 +1260,10 @@ impl TableReplica {
             *link = WriterLink { rows: Some(sender) };
         }
         let shape = Arc::clone(&other.shape);
+        let name = other.datasource.name().to_string();
         let datasource = &mut other.datasource;
         let (stats, (mut written, failed)) = std::thread::scope(|scope| {
-            let worker = scope.spawn(move || {
+            let write = move || {
                 let mut written = Written::default();
                 while let Ok(mut writes) = receiver.recv() {
                     // Batches that queued up while the last write ran go as one write:
@@ -1272,7 +1284,13 @@ impl TableReplica {
                     }
                 }
                 (written, None)
-            });
+            };
+            // Without a writer thread the session's sends fail and every row stays
+            // pending: the apply after the session writes them all, only later.
+            let worker = std::thread::Builder::new()
+                .name("knit-row-writer".into())
+                .spawn_scoped(scope, write)
+                .ok();
             let stats = crate::sync::run_session(
                 &mut self.replica,
                 &mut other.replica,
@@ -1286,10 +1304,15 @@ impl TableReplica {
                 .lock()
                 .map(|mut link| std::mem::take(&mut *link));
             drop(link);
-            let written = worker.join().unwrap_or_else(|_| {
-                let reason = "the thread writing rows into the datasource panicked".into();
-                (Written::default(), Some(SchemaError::Table { reason }))
-            });
+            let written = match worker.map(|thread| thread.join()) {
+                None => (Written::default(), None),
+                Some(Ok(written)) => written,
+                Some(Err(_)) => {
+                    let reason =
+                        format!("datasource {name}: the thread writing rows into it panicked");
+                    (Written::default(), Some(SchemaError::Table { reason }))
+                }
+            };
             (stats, written)
         });
         other.recording.store(false, Ordering::SeqCst);
