@@ -335,6 +335,8 @@ struct Flaky {
     rows_left: Arc<std::sync::atomic::AtomicI64>,
     /// Reads and writes panic, as a datasource with a bug would.
     panics: bool,
+    /// Calls refused because the datasource was down.
+    refused_calls: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Datasource for Flaky {
@@ -367,6 +369,7 @@ impl Datasource for Flaky {
             self.down.store(true, Ordering::SeqCst);
         }
         if self.down.load(Ordering::SeqCst) {
+            self.refused_calls.fetch_add(1, Ordering::SeqCst);
             return Err(DatasourceError::Unavailable {
                 datasource: self.name().to_string(),
                 reason: "the process died here".into(),
@@ -394,6 +397,7 @@ fn a_crash_between_metadata_and_datasource_is_repaired_at_the_next_open() -> Tes
         down: Arc::clone(&down),
         rows_left: Arc::new(i64::MAX.into()),
         panics: false,
+        refused_calls: Arc::default(),
     };
     let mut b = stores.table("b-state", Box::new(flaky))?;
     a.detect_full()?;
@@ -427,11 +431,13 @@ fn a_datasource_that_fails_during_a_session_keeps_the_rows_it_did_not_take_pendi
     let mut a = stores.table("a-state", stores.sqlite()?)?;
     // One batch per row; the file takes one row, then goes down. (The writer may
     // gather queued batches into one call: a first call of several rows fails whole.)
+    let refused_calls = Arc::default();
     let flaky = Flaky {
         inner: stores.csv()?,
         down: Arc::new(AtomicBool::new(false)),
         rows_left: Arc::new(1.into()),
         panics: false,
+        refused_calls: Arc::clone(&refused_calls),
     };
     let mut b = stores.table("b-state", Box::new(flaky))?;
     a.detect_full()?;
@@ -443,6 +449,8 @@ fn a_datasource_that_fails_during_a_session_keeps_the_rows_it_did_not_take_pendi
     assert!(failed.is_err(), "a write failed: {failed:?}");
     let taken = rows(&mut *stores.csv()?)?.len();
     assert!(taken <= 1, "{taken} rows arrived");
+    // A datasource that went down is not called again in that session.
+    assert_eq!(refused_calls.load(Ordering::SeqCst), 1);
     drop(b);
 
     // The next open writes the rows still pending, and only those: the mark of a row
@@ -462,6 +470,7 @@ fn a_datasource_that_panics_is_an_error_that_names_it_and_its_rows_stay_pending(
         down: Arc::new(AtomicBool::new(false)),
         rows_left: Arc::new(i64::MAX.into()),
         panics: true,
+        refused_calls: Arc::default(),
     };
     let mut b = stores.table("b-state", Box::new(flaky))?;
     // Change detection reads on a thread of its own; its panic comes back as an error.
