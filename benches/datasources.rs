@@ -9,6 +9,10 @@
 //! Without `KNIT_TEST_PG` (a PostgreSQL conninfo) the PostgreSQL part is skipped and
 //! says so.
 
+/// The knit binary's allocator (src/main.rs), so that these figures are the CLI's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::Path;
 use std::time::Instant;
 

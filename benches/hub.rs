@@ -25,6 +25,10 @@
 //! Every file lives in one temporary folder under the system's temp dir, removed at the
 //! end.
 
+/// The knit binary's allocator (src/main.rs), so that these figures are the CLI's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::{Arc, Barrier};
