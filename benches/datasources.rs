@@ -9,10 +9,6 @@
 //! Without `KNIT_TEST_PG` (a PostgreSQL conninfo) the PostgreSQL part is skipped and
 //! says so.
 
-/// The knit binary's allocator (src/main.rs), so that these figures are the CLI's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::path::Path;
 use std::time::Instant;
 
@@ -20,6 +16,10 @@ use knit::{
     sync_schema, CancelToken, Datasources, DetectMode, Endpoint, Mapping, Projection, RunPhase,
     SqliteSource, SyncSchema, SyncType, TableReplica,
 };
+
+/// The knit binary's allocator (src/main.rs), so that these figures are the CLI's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 

@@ -25,10 +25,6 @@
 //! Every file lives in one temporary folder under the system's temp dir, removed at the
 //! end.
 
-/// The knit binary's allocator (src/main.rs), so that these figures are the CLI's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::{Arc, Barrier};
@@ -38,6 +34,10 @@ use knit::hub::{HubConfig, RemoteReplica, RunningHub};
 use knit::{
     ConflictPolicy, Direction, ItemId, NoObserver, Replica, ReplicaId, SessionOptions, SyncError,
 };
+
+/// The knit binary's allocator (src/main.rs), so that these figures are the CLI's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 type Result<T> = std::result::Result<T, Error>;

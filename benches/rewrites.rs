@@ -9,15 +9,15 @@
 //! an error instead of hanging. Under `cargo test --all-targets` it runs a small smoke
 //! version that checks the destination holds every update.
 
-/// The knit binary's allocator (src/main.rs), so that these figures are the CLI's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use knit::{Direction, ItemId, NoObserver, Replica, SessionOptions};
+
+/// The knit binary's allocator (src/main.rs), so that these figures are the CLI's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 

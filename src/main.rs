@@ -1,8 +1,9 @@
 /// The allocator of the knit binary. A sync makes and frees many small buffers on
-/// several threads at once (rows, units, sled pages), and glibc's malloc spent about a
-/// quarter of the CPU of a schema sync on them; mimalloc makes the initial sync of
-/// 100,000 rows about 20 % faster (docs/benchmarks.md). A program that uses knit as a
-/// library chooses its own allocator.
+/// several threads at once (rows, units, sled pages), and glibc's malloc took about a
+/// quarter of the main thread's time in a schema sync's change detection; with
+/// mimalloc the initial sync of 100,000 rows takes about 10 % less time (median of
+/// nine runs, docs/benchmarks.md). A program that uses knit as a library chooses its
+/// own allocator.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

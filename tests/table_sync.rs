@@ -337,6 +337,8 @@ struct Flaky {
     panics: bool,
     /// Calls refused because the datasource was down.
     refused_calls: Arc<std::sync::atomic::AtomicU64>,
+    /// Calls of `delete`.
+    delete_calls: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Datasource for Flaky {
@@ -383,6 +385,7 @@ impl Datasource for Flaky {
         key: &[String],
         keys: &[Row],
     ) -> Result<Vec<RowOutcome>, DatasourceError> {
+        self.delete_calls.fetch_add(1, Ordering::SeqCst);
         self.inner.delete(entity, key, keys)
     }
 }
@@ -398,6 +401,7 @@ fn a_crash_between_metadata_and_datasource_is_repaired_at_the_next_open() -> Tes
         rows_left: Arc::new(i64::MAX.into()),
         panics: false,
         refused_calls: Arc::default(),
+        delete_calls: Arc::default(),
     };
     let mut b = stores.table("b-state", Box::new(flaky))?;
     a.detect_full()?;
@@ -438,6 +442,7 @@ fn a_datasource_that_fails_during_a_session_keeps_the_rows_it_did_not_take_pendi
         rows_left: Arc::new(1.into()),
         panics: false,
         refused_calls: Arc::clone(&refused_calls),
+        delete_calls: Arc::default(),
     };
     let mut b = stores.table("b-state", Box::new(flaky))?;
     a.detect_full()?;
@@ -471,6 +476,7 @@ fn a_datasource_that_panics_is_an_error_that_names_it_and_its_rows_stay_pending(
         rows_left: Arc::new(i64::MAX.into()),
         panics: true,
         refused_calls: Arc::default(),
+        delete_calls: Arc::default(),
     };
     let mut b = stores.table("b-state", Box::new(flaky))?;
     // Change detection reads on a thread of its own; its panic comes back as an error.
@@ -494,6 +500,39 @@ fn a_datasource_that_panics_is_an_error_that_names_it_and_its_rows_stay_pending(
     let b = stores.table("b-state", stores.csv()?)?;
     assert_eq!(b.recovered().upserted, 3);
     assert_eq!(rows(&mut *stores.csv()?)?, rows(&mut *stores.sqlite()?)?);
+    Ok(())
+}
+
+#[test]
+fn a_sync_without_deletes_asks_the_datasource_to_delete_nothing() -> TestResult {
+    let stores = Stores::new()?;
+    let mut a = stores.table("a-state", stores.sqlite()?)?;
+    let delete_calls = Arc::default();
+    let counting = Flaky {
+        inner: stores.csv()?,
+        down: Arc::new(AtomicBool::new(false)),
+        rows_left: Arc::new(i64::MAX.into()),
+        panics: false,
+        refused_calls: Arc::default(),
+        delete_calls: Arc::clone(&delete_calls),
+    };
+    let mut b = stores.table("b-state", Box::new(counting))?;
+    // Three rows in batches of one: the writer calls the file at least once, and a
+    // delete of no rows would read the whole file for nothing each time.
+    a.detect_full()?;
+    let options = SessionOptions {
+        batch_size: 1,
+        ..lww()
+    };
+    a.send_to(&mut b, &options, &mut NoObserver)?;
+    assert_eq!(rows(&mut *stores.csv()?)?.len(), 3);
+    assert_eq!(delete_calls.load(Ordering::SeqCst), 0);
+    // A row deleted at the source is one call.
+    stores.sql("DELETE FROM customers WHERE id = 2")?;
+    a.detect_full()?;
+    a.send_to(&mut b, &options, &mut NoObserver)?;
+    assert_eq!(rows(&mut *stores.csv()?)?.len(), 2);
+    assert_eq!(delete_calls.load(Ordering::SeqCst), 1);
     Ok(())
 }
 

@@ -66,8 +66,6 @@ fn index_key(prefix: u8, replica: &[u8; 16], n: u64) -> [u8; 25] {
     key
 }
 
-/// The loose record keys `[from, to)` of the ids between two item page keys (`None`:
-/// to the end of the ids).
 /// The least byte string above every string that starts with `prefix` (`None`: there
 /// is none, the prefix being all `FF`s).
 fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
@@ -81,6 +79,8 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// The loose record keys `[from, to)` of the ids between two item page keys (`None`:
+/// to the end of the ids).
 fn loose_keys_between(page: &[u8], upper: Option<&[u8]>) -> (Vec<u8>, Vec<u8>) {
     let to = upper.map_or_else(|| vec![PREFIX_ITEM + 1], |u| prefixed(PREFIX_ITEM, &u[1..]));
     (prefixed(PREFIX_ITEM, &page[1..]), to)

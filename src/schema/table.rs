@@ -417,7 +417,7 @@ impl ItemStore for RowUnits {
                     staged.last = prefix.to_vec();
                     staged.count += 1;
                     if staged.forward {
-                        staged.fresh.push(prefix.to_vec());
+                        staged.unsent.push(prefix.to_vec());
                     }
                 }
                 first
@@ -433,17 +433,18 @@ impl ItemStore for RowUnits {
     /// one. A row that cannot be read here stays pending: the apply after the session
     /// reads it again and reports why.
     fn committed(&mut self, metadata: &MetadataStore) {
-        let fresh = match self.staged.lock() {
-            Ok(mut staged) => std::mem::take(&mut staged.fresh),
+        let unsent = match self.staged.lock() {
+            Ok(mut staged) => std::mem::take(&mut staged.unsent),
             Err(_) => return,
         };
-        if fresh.is_empty() {
+        if unsent.is_empty() {
             return;
         }
         let Ok(link) = self.writer.lock() else {
             return;
         };
-        if let (Some(sender), Ok(stored)) = (&link.rows, self.shape.read_stored(metadata, &fresh)) {
+        if let (Some(sender), Ok(stored)) = (&link.rows, self.shape.read_stored(metadata, &unsent))
+        {
             // A writer that stopped (its datasource failed) leaves the rows pending.
             let _ = sender.send(stored);
         }
@@ -658,8 +659,8 @@ pub(crate) struct StagedRows {
     pub(crate) count: u64,
     /// Whether rows are handed to a writer as their batches commit (`send_to`).
     forward: bool,
-    /// Rows staged since the last commit, for the writer.
-    fresh: Vec<Vec<u8>>,
+    /// Rows staged since the last commit, not yet handed to the writer.
+    unsent: Vec<Vec<u8>>,
 }
 
 impl TableReplica {

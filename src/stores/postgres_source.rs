@@ -815,6 +815,18 @@ enum ColumnValues<'a> {
 impl<'a> ColumnValues<'a> {
     fn of(column: &Column, rows: &'a [Row]) -> Self {
         let values = || rows.iter().map(|r| r.get(&column.name));
+        // Every value of one kind (or null), or `None`.
+        fn all<'v, T>(
+            values: impl Iterator<Item = Option<&'v Value>>,
+            pick: impl Fn(&'v Value) -> Option<T>,
+        ) -> Option<Vec<Option<T>>> {
+            values
+                .map(|v| match v {
+                    None | Some(Value::Null) => Some(None),
+                    Some(v) => pick(v).map(Some),
+                })
+                .collect()
+        }
         // Numbers and flags go typed only into columns of exactly that type: a cast
         // from float8 to numeric, say, would round where one from text does not.
         let exact = matches!(
@@ -824,46 +836,28 @@ impl<'a> ColumnValues<'a> {
                 | (FieldType::Bool, "boolean")
                 | (FieldType::Text, _)
         );
-        if !exact {
-            return ColumnValues::AsText(
-                values()
-                    .map(|v| v.and_then(|v| bound_text(v, column.field_type)))
-                    .collect(),
-            );
-        }
         let typed = match column.field_type {
-            FieldType::Int => values()
-                .map(|v| match v {
-                    None | Some(Value::Null) => Some(None),
-                    Some(Value::Int(i)) => Some(Some(*i)),
-                    Some(_) => None,
-                })
-                .collect::<Option<Vec<_>>>()
-                .map(ColumnValues::Int),
-            FieldType::Float => values()
-                .map(|v| match v {
-                    None | Some(Value::Null) => Some(None),
-                    Some(Value::Float(x)) => Some(Some(*x)),
-                    Some(_) => None,
-                })
-                .collect::<Option<Vec<_>>>()
-                .map(ColumnValues::Float),
-            FieldType::Bool => values()
-                .map(|v| match v {
-                    None | Some(Value::Null) => Some(None),
-                    Some(Value::Bool(b)) => Some(Some(*b)),
-                    Some(_) => None,
-                })
-                .collect::<Option<Vec<_>>>()
-                .map(ColumnValues::Bool),
-            FieldType::Text => values()
-                .map(|v| match v {
-                    None | Some(Value::Null) => Some(None),
-                    Some(Value::Text(t)) => Some(Some(t.as_str())),
-                    Some(_) => None,
-                })
-                .collect::<Option<Vec<_>>>()
-                .map(ColumnValues::Text),
+            _ if !exact => None,
+            FieldType::Int => all(values(), |v| match v {
+                Value::Int(i) => Some(*i),
+                _ => None,
+            })
+            .map(ColumnValues::Int),
+            FieldType::Float => all(values(), |v| match v {
+                Value::Float(x) => Some(*x),
+                _ => None,
+            })
+            .map(ColumnValues::Float),
+            FieldType::Bool => all(values(), |v| match v {
+                Value::Bool(b) => Some(*b),
+                _ => None,
+            })
+            .map(ColumnValues::Bool),
+            FieldType::Text => all(values(), |v| match v {
+                Value::Text(t) => Some(t.as_str()),
+                _ => None,
+            })
+            .map(ColumnValues::Text),
         };
         typed.unwrap_or_else(|| {
             ColumnValues::AsText(
