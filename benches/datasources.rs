@@ -17,15 +17,16 @@ use knit::{
     SqliteSource, SyncSchema, SyncType, TableReplica,
 };
 
-/// The knit binary's allocator (src/main.rs), so that these figures are the CLI's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+/// The knit binary's allocator and its settings, so that these figures are the CLI's.
+#[path = "../src/allocator.rs"]
+mod allocator;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 const FIELDS: [&str; 4] = ["name", "email", "city", "updated_at"];
 
 fn main() -> Result<()> {
+    allocator::keep_freed_memory();
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this without it,
     // as a smoke test on a tiny table. Take the first two numbers.
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -35,9 +35,9 @@ use knit::{
     ConflictPolicy, Direction, ItemId, NoObserver, Replica, ReplicaId, SessionOptions, SyncError,
 };
 
-/// The knit binary's allocator (src/main.rs), so that these figures are the CLI's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+/// The knit binary's allocator and its settings, so that these figures are the CLI's.
+#[path = "../src/allocator.rs"]
+mod allocator;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 type Result<T> = std::result::Result<T, Error>;
@@ -61,6 +61,7 @@ const SEED: u64 = 0x9E37_79B9_7F4A_7C15;
 const INITIAL_SEED: u64 = 42;
 
 fn main() -> Result<()> {
+    allocator::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let sizes = Sizes::from_args(&args)?;
     let scratch = tempfile::Builder::new()

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use knit::{Direction, ItemId, NoObserver, Replica, SessionOptions};
 
-/// The knit binary's allocator (src/main.rs), so that these figures are the CLI's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+/// The knit binary's allocator and its settings, so that these figures are the CLI's.
+#[path = "../src/allocator.rs"]
+mod allocator;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -25,6 +25,7 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 const STALL_LIMIT: Duration = Duration::from_secs(120);
 
 fn main() -> Result<()> {
+    allocator::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let benchmarking = args.iter().any(|a| a == "--bench");
     let numbers: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
