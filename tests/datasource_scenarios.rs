@@ -1247,6 +1247,39 @@ fn d7_row(lab: &Lab, id: u32) -> Result<(Vec<String>, Vec<String>), Error> {
     Ok((s.concat(), d.concat()))
 }
 
+/// A first bidirectional run over two sides that both hold row 2, each its own way.
+/// Both sides load for the first time and commit as they read; the source's rows are
+/// still the earlier, so under last-writer-wins the destination's row 2 wins, every
+/// time (a destination whose versions came first would lose, or tie on the millisecond
+/// and fall to the replica ids).
+#[test]
+fn a_first_bidirectional_run_orders_the_destinations_rows_after_the_sources() -> TestResult {
+    for _ in 0..5 {
+        let lab = Lab::new(
+            &format!(
+                "{S_CUSTOMERS}{}",
+                insert_customers(1, 3, "2024-05-01 10:00:00", 60)
+            ),
+            &format!(
+                "{D_CUSTOMERS}INSERT INTO customers VALUES (2, 'Two', 'two@d.org'), \
+                 (4, 'Four', 'four@d.org');"
+            ),
+        )?;
+        let mut schema = customers_schema(&["name", "email"]);
+        schema.direction = SyncDirection::Bidirectional;
+        schema.conflict = ConflictRule::LastWriterWins;
+        let report = lab.run(&schema);
+        assert_eq!(report.status, RunStatus::Success, "{report:?}");
+        let winners: Vec<Winner> = report.conflicts.iter().map(|c| c.winner).collect();
+        assert_eq!(winners, [Winner::Destination], "{:?}", report.conflicts);
+        let two = row(&["2", "Two", "two@d.org"]);
+        assert_eq!(d7_row(&lab, 2)?, (two.clone(), two));
+        let (s, d) = lab.both_sides()?;
+        assert_eq!((s.len(), s), (4, d));
+    }
+    Ok(())
+}
+
 #[test]
 fn d7a_source_wins_settles_one_field_conflict_and_a_rerun_echoes_nothing() -> TestResult {
     let (lab, schema) = d7_lab(ConflictRule::SourceWins)?;

@@ -339,6 +339,8 @@ struct Flaky {
     refused_calls: Arc<std::sync::atomic::AtomicU64>,
     /// Calls of `delete`.
     delete_calls: Arc<std::sync::atomic::AtomicU64>,
+    /// Rows a scan hands over before the connection drops (negative: never drops).
+    scan_rows_left: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Datasource for Flaky {
@@ -357,7 +359,17 @@ impl Datasource for Flaky {
         visit: &mut dyn FnMut(Row) -> Result<(), DatasourceError>,
     ) -> Result<(), DatasourceError> {
         assert!(!self.panics, "a bug in the datasource's scan");
-        self.inner.scan(entity, visit)
+        let name = self.name().to_string();
+        let left = Arc::clone(&self.scan_rows_left);
+        self.inner.scan(entity, &mut |row| {
+            if left.fetch_sub(1, Ordering::SeqCst) == 0 {
+                return Err(DatasourceError::Unavailable {
+                    datasource: name.clone(),
+                    reason: "the connection dropped in the middle of the read".into(),
+                });
+            }
+            visit(row)
+        })
     }
     fn upsert(
         &mut self,
@@ -402,6 +414,7 @@ fn a_crash_between_metadata_and_datasource_is_repaired_at_the_next_open() -> Tes
         panics: false,
         refused_calls: Arc::default(),
         delete_calls: Arc::default(),
+        scan_rows_left: Arc::new((-1).into()),
     };
     let mut b = stores.table("b-state", Box::new(flaky))?;
     a.detect_full()?;
@@ -443,6 +456,7 @@ fn a_datasource_that_fails_during_a_session_keeps_the_rows_it_did_not_take_pendi
         panics: false,
         refused_calls: Arc::clone(&refused_calls),
         delete_calls: Arc::default(),
+        scan_rows_left: Arc::new((-1).into()),
     };
     let mut b = stores.table("b-state", Box::new(flaky))?;
     a.detect_full()?;
@@ -477,6 +491,7 @@ fn a_datasource_that_panics_is_an_error_that_names_it_and_its_rows_stay_pending(
         panics: true,
         refused_calls: Arc::default(),
         delete_calls: Arc::default(),
+        scan_rows_left: Arc::new((-1).into()),
     };
     let mut b = stores.table("b-state", Box::new(flaky))?;
     // Change detection reads on a thread of its own; its panic comes back as an error.
@@ -515,6 +530,7 @@ fn a_sync_without_deletes_asks_the_datasource_to_delete_nothing() -> TestResult 
         panics: false,
         refused_calls: Arc::default(),
         delete_calls: Arc::clone(&delete_calls),
+        scan_rows_left: Arc::new((-1).into()),
     };
     let mut b = stores.table("b-state", Box::new(counting))?;
     // Three rows in batches of one: the writer calls the file at least once, and a
@@ -533,6 +549,54 @@ fn a_sync_without_deletes_asks_the_datasource_to_delete_nothing() -> TestResult 
     a.send_to(&mut b, &options, &mut NoObserver)?;
     assert_eq!(rows(&mut *stores.csv()?)?.len(), 2);
     assert_eq!(delete_calls.load(Ordering::SeqCst), 1);
+    Ok(())
+}
+
+/// A first load commits its rows ten thousand at a time while it reads them. A read
+/// that breaks off leaves those behind the anchor; the next detection finds them
+/// unchanged, yet reports them as inserted, so that no run's report loses a row.
+#[test]
+fn a_first_load_cut_short_reports_every_row_when_it_is_read_again() -> TestResult {
+    let stores = Stores::new()?;
+    stores.sql(
+        "WITH RECURSIVE n(i) AS (SELECT 4 UNION ALL SELECT i + 1 FROM n WHERE i < 12500)
+         INSERT INTO customers SELECT i, 'customer ' || i, '' || i FROM n",
+    )?;
+    let scan_rows_left = Arc::new(11_500.into());
+    let flaky = Flaky {
+        inner: stores.sqlite()?,
+        down: Arc::new(AtomicBool::new(false)),
+        rows_left: Arc::new(i64::MAX.into()),
+        panics: false,
+        refused_calls: Arc::default(),
+        delete_calls: Arc::default(),
+        scan_rows_left: Arc::clone(&scan_rows_left),
+    };
+    let mut a = stores.table("a-state", Box::new(flaky))?;
+    let cut = a.detect_full().expect_err("the read broke off").to_string();
+    assert!(cut.contains("shop") && cut.contains("dropped"), "{cut}");
+    assert_eq!(
+        a.row_count()?,
+        10_000,
+        "the first ten thousand were committed"
+    );
+
+    scan_rows_left.store(-1, Ordering::SeqCst);
+    let found = a.detect_full()?;
+    assert_eq!(
+        (found.inserted, found.updated, found.deleted),
+        (12_500, 0, 0)
+    );
+    let again = a.detect_full()?;
+    assert_eq!((again.inserted, again.updated, again.deleted), (0, 0, 0));
+
+    let mut b = stores.table("b-state", stores.csv()?)?;
+    let options = SessionOptions {
+        batch_size: 1000,
+        ..lww()
+    };
+    a.send_to(&mut b, &options, &mut NoObserver)?;
+    assert_eq!(rows(&mut *stores.csv()?)?, rows(&mut *stores.sqlite()?)?);
     Ok(())
 }
 

@@ -23,7 +23,7 @@ use crate::sync::{
 
 use super::history::{History, RunRecord, DEFAULT_RETENTION};
 use super::model::Named;
-use super::table::{key_of_prefix, split_unit, DetectMode, TableReplica};
+use super::table::{key_of_prefix, split_unit, DetectMode, Detection, TableReplica};
 use super::watermark::utc_now_text;
 use super::{
     validate, ConflictRule, OnMissing, Projection, RunStatus, SchemaError, SyncDirection,
@@ -511,6 +511,28 @@ impl SyncObserver for RunObserver<'_, '_> {
     }
 }
 
+/// One side's change detection, its progress told to `events`.
+fn detect_side(
+    side: &mut TableReplica,
+    mode: DetectMode,
+    events: &mut Events<'_>,
+    commit_new: bool,
+) -> Result<Detection, SchemaError> {
+    let before = events.rows_read;
+    let mut observe = |read| {
+        events.rows_read = before + read;
+        events.emit(RunPhase::Reading);
+    };
+    let detection = if commit_new {
+        side.detect_changes_committing(mode, &mut observe)?
+    } else {
+        side.detect_changes_observed(mode, &mut observe)?
+    };
+    events.rows_read = before + detection.report.rows_read;
+    events.emit(RunPhase::Reading);
+    Ok(detection)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn try_run(
     schema: &SyncSchema,
@@ -668,24 +690,33 @@ fn try_run(
             lookback: schema.lookback,
         },
     };
-    let mut detections = Vec::new();
-    for (sends, side) in [
-        (source_sends, &mut source),
-        (destination_sends, &mut destination),
-    ] {
-        if !sends {
-            detections.push(None);
-            continue;
+    // A side that holds nothing yet commits its rows as it reads them (see
+    // `detect_changes_committing`); a run stopped below leaves those versions behind
+    // the anchor, which the next detection reads again and finds unchanged. The
+    // destination does so only when none of the source's versions are still to come,
+    // and after taking the source's clock: the source's changes stay the earlier.
+    let source_detection = if source_sends {
+        Some(detect_side(&mut source, mode, events, true)?)
+    } else {
+        None
+    };
+    let destination_detection = if destination_sends {
+        let nothing_to_come = source_detection
+            .as_ref()
+            .is_none_or(|d| d.changed_units().next().is_none());
+        if nothing_to_come && source_detection.is_some() {
+            destination.follow_clock_of(&source)?;
         }
-        let before = events.rows_read;
-        let detection = side.detect_changes_observed(mode, &mut |read| {
-            events.rows_read = before + read;
-            events.emit(RunPhase::Reading);
-        })?;
-        events.rows_read = before + detection.report.rows_read;
-        events.emit(RunPhase::Reading);
-        detections.push(Some(detection));
-    }
+        Some(detect_side(
+            &mut destination,
+            mode,
+            events,
+            nothing_to_come,
+        )?)
+    } else {
+        None
+    };
+    let detections = [source_detection, destination_detection];
     // The rows the other side holds are counted only when a detection deletes: the
     // count reads every unit, and an Incremental run must cost what changed.
     for (detection, other) in [(&detections[0], &destination), (&detections[1], &source)] {
@@ -725,9 +756,7 @@ fn try_run(
     // destination's clock follows the source's once the source's versions exist, so
     // last-writer-wins never falls back to the replica ids' tie-break for two edits
     // detected in the same millisecond.
-    let mut detections = detections.into_iter();
-    let (source_detection, destination_detection) =
-        (detections.next().flatten(), detections.next().flatten());
+    let [source_detection, destination_detection] = detections;
     if let Some(d) = source_detection.as_ref().or(destination_detection.as_ref()) {
         report.watermark_before = d.anchor_before.clone();
         report.watermark_after = d.anchor_after.clone();

@@ -26,6 +26,11 @@
 //!   Values equal as text (`36` in a CSV file, `36` in an INTEGER column) are equal.
 //! - An existence unit with empty data (stores written before snapshots) has every
 //!   field in units of its own.
+//! - A detection's anchor moves in its last commit, never before its versions: a
+//!   detection cut short (a crash, a read that broke off, a run that refused it) leaves
+//!   versions behind the anchor, and the next detection reads those rows again and
+//!   finds them unchanged. Rows a first load committed that way are counted in the
+//!   replica (`UNREPORTED_RECORD`) until a committed detection reports them inserted.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
@@ -49,6 +54,15 @@ const ANCHOR_RECORD: &[u8] = b"detect-anchor";
 /// (a failed conversion, say): the next Incremental detection reads them again, so the
 /// anchor moving past them loses nothing.
 const RETRY_RECORD: &[u8] = b"detect-retry";
+/// The owner record that counts rows a first load committed as it read them (see
+/// `detect_changes_committing`) whose detection was never committed: the run stopped.
+/// The next detection finds those rows unchanged, and reports them as inserted from
+/// this count instead, so that no run's report loses them.
+const UNREPORTED_RECORD: &[u8] = b"detect-unreported";
+
+fn encode_count(count: u64) -> [u8; 8] {
+    count.to_le_bytes()
+}
 
 /// How a detection finds what changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,11 +100,15 @@ pub struct DetectReport {
 /// A detection's findings before they are committed.
 pub struct Detection {
     pub report: DetectReport,
-    changes: Vec<(ItemId, Option<Vec<u8>>)>,
+    changes: Vec<Change>,
     /// The anchor to store with the changes (`None`: keep the stored one).
     anchor: Option<Anchor>,
     /// The keys of rows to read again next time, replacing the stored list.
     retry: Vec<Vec<Value>>,
+    /// Rows an earlier, uncommitted detection committed and never reported (they are
+    /// in `report.inserted`), or this one committed as it read: `commit_changes`
+    /// clears the count.
+    unreported: u64,
     /// The anchor the detection started from, for the run's report.
     pub anchor_before: Option<String>,
     /// The anchor after commit (the stored one when this detection sets none).
@@ -103,6 +121,9 @@ impl Detection {
         self.changes.iter().map(|(id, data)| (id, data.as_deref()))
     }
 }
+
+/// A unit's new value (`None`: deleted), as a detection finds it.
+type Change = (ItemId, Option<Vec<u8>>);
 
 /// Most local versions one commit of a detection writes.
 const COMMIT_CHUNK: usize = 10_000;
@@ -119,7 +140,7 @@ struct Findings<'a> {
     /// Hears the count of rows read, every `READ_PROGRESS_EVERY` rows.
     observe: &'a mut dyn FnMut(u64),
     report: DetectReport,
-    changes: Vec<(ItemId, Option<Vec<u8>>)>,
+    changes: Vec<Change>,
     /// Row prefixes already settled (read, found absent, or pending): the Full sweep
     /// leaves them alone.
     settled: HashSet<Vec<u8>>,
@@ -128,6 +149,9 @@ struct Findings<'a> {
     pending: BTreeSet<Vec<u8>>,
     /// Keys of rows that could not be read as units, to read again next time.
     retry: Vec<Vec<Value>>,
+    /// Rows committed and not yet reported by a committed detection (see
+    /// `UNREPORTED_RECORD`): an earlier detection's, and this one's first load.
+    unreported: u64,
 }
 
 // ---- ids and values -------------------------------------------------------------------
@@ -473,7 +497,9 @@ const WRITE_ROWS_AT_ONCE: usize = 10_000;
 /// shape. Apart from the datasource, so that rows are compared as the datasource
 /// hands them over instead of after all of them were read into memory.
 struct RowReader<'a> {
-    replica: &'a Replica,
+    /// `None`: the replica held nothing when the detection began, so every row is new
+    /// and nothing needs to be looked up (its units are being committed meanwhile).
+    replica: Option<&'a Replica>,
     shape: &'a RowShape,
 }
 
@@ -540,7 +566,11 @@ impl RowReader<'_> {
             }
         };
         let exists = unit_id(&prefix, "")?;
-        match self.shape.stored_row(self.replica.metadata(), &prefix)? {
+        let stored = match self.replica {
+            Some(replica) => self.shape.stored_row(replica.metadata(), &prefix)?,
+            None => None,
+        };
+        match stored {
             None => {
                 // The row is new here: one item, its snapshot, carries every field.
                 found.changes.push((exists, Some(encode_snapshot(&units))));
@@ -584,7 +614,10 @@ impl RowReader<'_> {
     /// marked deleted).
     fn remove_row(&self, prefix: &[u8], found: &mut Findings<'_>) -> Result<(), SchemaError> {
         found.settled.insert(prefix.to_vec());
-        for entry in self.replica.metadata().items_from(prefix) {
+        let Some(replica) = self.replica else {
+            return Ok(());
+        };
+        for entry in replica.metadata().items_from(prefix) {
             let (id, meta) = entry.map_err(StoreError::from)?;
             let Some((of, unit)) = split_unit(id.as_bytes()) else {
                 break;
@@ -745,7 +778,7 @@ impl TableReplica {
 
     fn row_reader(&self) -> RowReader<'_> {
         RowReader {
-            replica: &self.replica,
+            replica: Some(&self.replica),
             shape: &self.shape,
         }
     }
@@ -875,7 +908,7 @@ impl TableReplica {
     /// Full change detection: reads every row and turns what differs from the units
     /// into local versions; rows that vanished become tombstones.
     pub fn detect_full(&mut self) -> Result<DetectReport, SchemaError> {
-        let detection = self.scan_changes()?;
+        let detection = self.detect(DetectMode::Full, &mut |_| {}, true)?;
         self.commit_changes(detection)
     }
 
@@ -897,6 +930,30 @@ impl TableReplica {
         mode: DetectMode,
         observe: &mut dyn FnMut(u64),
     ) -> Result<Detection, SchemaError> {
+        self.detect(mode, observe, false)
+    }
+
+    /// `detect_changes_observed`, except that a replica that holds nothing yet (a first
+    /// load, read whole) commits its new rows while it reads them, on a thread of its
+    /// own: the returned detection then holds only the anchor and the retry list, for
+    /// `commit_changes`. The versions are in before the caller can refuse the
+    /// detection; what stays out until `commit_changes` is the anchor, so a caller that
+    /// never commits leaves them as a crash between two commits would: the next
+    /// detection reads those rows again and finds them unchanged.
+    pub fn detect_changes_committing(
+        &mut self,
+        mode: DetectMode,
+        observe: &mut dyn FnMut(u64),
+    ) -> Result<Detection, SchemaError> {
+        self.detect(mode, observe, true)
+    }
+
+    fn detect(
+        &mut self,
+        mode: DetectMode,
+        observe: &mut dyn FnMut(u64),
+        commit_new: bool,
+    ) -> Result<Detection, SchemaError> {
         let pending: BTreeSet<Vec<u8>> = self
             .replica
             .metadata()
@@ -911,7 +968,10 @@ impl TableReplica {
             settled: pending.iter().cloned().collect(),
             pending,
             retry: Vec::new(),
+            unreported: self.stored_unreported()?,
         };
+        // Rows a stopped run committed are inserted as far as this run's report goes.
+        found.report.inserted += found.unreported;
         let stored = self.stored_anchor()?;
         let anchor_before = stored.as_ref().map(ToString::to_string);
         let anchor = match (mode, stored) {
@@ -919,7 +979,8 @@ impl TableReplica {
                 // A Full read sees every modified-at value: it leaves the watermark
                 // where the next Incremental read should start.
                 let watch = self.modified_at.is_some();
-                self.read_all(&mut found, watch)?.map(Anchor::ModifiedAt)
+                self.read_all(&mut found, watch, commit_new)?
+                    .map(Anchor::ModifiedAt)
             }
             (DetectMode::Incremental { .. }, None) => {
                 // No anchor yet: read everything, taking the anchor first so that what
@@ -932,7 +993,7 @@ impl TableReplica {
                     }
                     Some(_) => None,
                 };
-                let highest = self.read_all(&mut found, true)?;
+                let highest = self.read_all(&mut found, true, commit_new)?;
                 match tracking {
                     Some(t) => Some(Anchor::Tracking(t)),
                     None => highest.map(Anchor::ModifiedAt),
@@ -1034,10 +1095,31 @@ impl TableReplica {
             report: found.report,
             changes: found.changes,
             retry: found.retry,
+            unreported: found.unreported,
             anchor,
             anchor_before,
             anchor_after,
         })
+    }
+
+    fn stored_unreported(&self) -> Result<u64, SchemaError> {
+        let bytes = self
+            .replica
+            .metadata()
+            .owner_record(UNREPORTED_RECORD)
+            .map_err(StoreError::from)?;
+        match bytes {
+            None => Ok(0),
+            Some(b) => <[u8; 8]>::try_from(b.as_slice())
+                .map(u64::from_le_bytes)
+                .map_err(|_| SchemaError::Table {
+                    reason: format!(
+                        "entity {}: the count of unreported rows is {} bytes long, not 8",
+                        self.shape.entity,
+                        b.len()
+                    ),
+                }),
+        }
     }
 
     fn stored_retry(&self) -> Result<Vec<Vec<Value>>, SchemaError> {
@@ -1070,13 +1152,27 @@ impl TableReplica {
 
     /// Reads every row; rows the replica holds that were not read become tombstones.
     /// Returns the highest modified-at value read when `watch` is set.
+    ///
+    /// With `commit_new`, a replica that holds nothing yet (a first load) has its rows'
+    /// units committed as they are compared, on a thread of their own, and `found`
+    /// keeps none of them: there is nothing to look up while comparing, so the commit
+    /// (most of a first detection's time) overlaps the reading instead of following it.
     fn read_all(
         &mut self,
         found: &mut Findings<'_>,
         watch: bool,
+        commit_new: bool,
     ) -> Result<Option<Value>, SchemaError> {
+        let first_load = commit_new
+            && found.pending.is_empty()
+            && self.replica.metadata().items_from(b"").next().is_none();
+        let (held, loading) = if first_load {
+            (None, Some(&mut self.replica))
+        } else {
+            (Some(&self.replica), None)
+        };
         let reader = RowReader {
-            replica: &self.replica,
+            replica: held,
             shape: &self.shape,
         };
         let modified_at = self.modified_at.as_ref();
@@ -1086,11 +1182,13 @@ impl TableReplica {
         // another thread's blocks under that thread's arena lock).
         let (chunks, read) = std::sync::mpsc::sync_channel::<Vec<Row>>(SCAN_QUEUE);
         let (give_back, given_back) = std::sync::mpsc::channel::<Vec<Row>>();
+        // A first load's changes, a commit's worth at a time, to the committing thread.
+        let (to_commit, committing) = std::sync::mpsc::sync_channel::<Vec<Change>>(1);
         let entity = &self.shape.entity;
         let name = self.datasource.name().to_string();
         let scan_name = name.clone();
         let datasource = &mut self.datasource;
-        let (compared, scanned) = std::thread::scope(|scope| {
+        let (compared, scanned, committed) = std::thread::scope(|scope| {
             let scan = move || {
                 let mut chunk = Vec::with_capacity(SCAN_CHUNK);
                 let stopped = || DatasourceError::Unavailable {
@@ -1121,8 +1219,44 @@ impl TableReplica {
             let scanner = std::thread::Builder::new()
                 .name("knit-detect-read".into())
                 .spawn_scoped(scope, scan);
-            let compare = || -> Result<(), SchemaError> {
-                for chunk in read {
+            // Each commit also counts its rows as unreported until `commit_changes`.
+            let mut unreported = found.unreported;
+            let committer = loading.map(|replica| {
+                std::thread::Builder::new()
+                    .name("knit-detect-commit".into())
+                    .spawn_scoped(scope, move || -> Result<u64, StoreError> {
+                        for changes in committing {
+                            unreported += changes
+                                .iter()
+                                .filter(|(id, value)| {
+                                    value.is_some()
+                                        && split_unit(id.as_bytes())
+                                            .is_some_and(|(_, unit)| unit.is_empty())
+                                })
+                                .count() as u64;
+                            let count = encode_count(unreported);
+                            replica.apply_local_with_records(
+                                &changes,
+                                &[(UNREPORTED_RECORD, count.as_slice())],
+                            )?;
+                        }
+                        Ok(unreported)
+                    })
+            });
+            let to_commit = committer.is_some().then_some(to_commit);
+            // Hands what was found so far to the committer, once there is a commit's
+            // worth (or, at the end, whatever is left). `false`: the committer stopped.
+            let hand_over = |found: &mut Findings<'_>, at_least: usize| match &to_commit {
+                Some(to) if found.changes.len() >= at_least.max(1) => {
+                    to.send(std::mem::take(&mut found.changes)).is_ok()
+                }
+                _ => true,
+            };
+            let committer_stopped = || SchemaError::Table {
+                reason: format!("entity {entity}: the commit of its first rows stopped"),
+            };
+            let mut compare = || -> Result<(), SchemaError> {
+                for chunk in &read {
                     for row in &chunk {
                         if watch {
                             if let Some(v) = modified_at.and_then(|c| row.get(c)) {
@@ -1132,12 +1266,16 @@ impl TableReplica {
                         reader.consider_row(row, found)?;
                     }
                     let _ = give_back.send(chunk);
+                    if !hand_over(found, COMMIT_CHUNK) {
+                        return Err(committer_stopped());
+                    }
                 }
                 Ok(())
             };
             // A row that cannot be compared stops the read (the queue closes): its
             // error is the one returned.
-            let compared = compare();
+            let mut compared = compare();
+            drop(read);
             drop(give_back);
             let scanned = match scanner.map(|thread| thread.join()) {
                 Ok(Ok(scanned)) => scanned,
@@ -1150,10 +1288,35 @@ impl TableReplica {
                     reason: format!("no thread to read it for change detection: {e}"),
                 }),
             };
-            (compared, scanned)
+            // The rest is committed only after a whole read: a read that failed leaves
+            // what it committed behind the anchor, as a crash between commits does.
+            if compared.is_ok() && scanned.is_ok() && !hand_over(found, 0) {
+                compared = Err(committer_stopped());
+            }
+            drop(to_commit);
+            let committed = match committer.map(|spawned| spawned.map(|thread| thread.join())) {
+                None => Ok(found.unreported),
+                Some(Ok(Ok(Ok(unreported)))) => Ok(unreported),
+                Some(Ok(Ok(Err(e)))) => Err(SchemaError::from(e)),
+                Some(Ok(Err(_))) => Err(SchemaError::Table {
+                    reason: format!(
+                        "entity {entity}: the thread committing its first rows panicked"
+                    ),
+                }),
+                Some(Err(e)) => Err(SchemaError::Table {
+                    reason: format!("entity {entity}: no thread to commit its first rows: {e}"),
+                }),
+            };
+            (compared, scanned, committed)
         });
+        // The committer's own error explains a comparison it stopped.
+        found.unreported = committed?;
         compared?;
         scanned.map_err(SchemaError::from)?;
+        if first_load {
+            // The replica held nothing, so nothing it holds can be missing.
+            return Ok(highest);
+        }
         // Rows the replica holds that the datasource no longer has.
         let metadata = self.replica.metadata();
         for entry in metadata.items_from(b"") {
@@ -1180,6 +1343,11 @@ impl TableReplica {
         let mut records: Vec<(&[u8], &[u8])> = vec![(RETRY_RECORD, &retry)];
         if let Some(anchor) = &anchor {
             records.push((ANCHOR_RECORD, anchor));
+        }
+        // This detection's report counts them: no later one should.
+        let none = encode_count(0);
+        if detection.unreported > 0 {
+            records.push((UNREPORTED_RECORD, &none));
         }
         // Commits of bounded size: sled writes one huge batch more slowly than several
         // smaller ones, and then reads it back slowly once (an initial load of 600,000
