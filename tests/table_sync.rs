@@ -343,6 +343,21 @@ struct Flaky {
     scan_rows_left: Arc<std::sync::atomic::AtomicI64>,
 }
 
+impl Flaky {
+    /// `inner` as it is: up, no panics, no dropped reads, nothing counted yet.
+    fn around(inner: Box<dyn Datasource>) -> Self {
+        Flaky {
+            inner,
+            down: Arc::new(AtomicBool::new(false)),
+            rows_left: Arc::new(i64::MAX.into()),
+            panics: false,
+            refused_calls: Arc::default(),
+            delete_calls: Arc::default(),
+            scan_rows_left: Arc::new((-1).into()),
+        }
+    }
+}
+
 impl Datasource for Flaky {
     fn name(&self) -> &str {
         self.inner.name()
@@ -408,13 +423,8 @@ fn a_crash_between_metadata_and_datasource_is_repaired_at_the_next_open() -> Tes
     let mut a = stores.table("a-state", stores.sqlite()?)?;
     let down = Arc::new(AtomicBool::new(true));
     let flaky = Flaky {
-        inner: stores.csv()?,
         down: Arc::clone(&down),
-        rows_left: Arc::new(i64::MAX.into()),
-        panics: false,
-        refused_calls: Arc::default(),
-        delete_calls: Arc::default(),
-        scan_rows_left: Arc::new((-1).into()),
+        ..Flaky::around(stores.csv()?)
     };
     let mut b = stores.table("b-state", Box::new(flaky))?;
     a.detect_full()?;
@@ -450,13 +460,9 @@ fn a_datasource_that_fails_during_a_session_keeps_the_rows_it_did_not_take_pendi
     // gather queued batches into one call: a first call of several rows fails whole.)
     let refused_calls = Arc::default();
     let flaky = Flaky {
-        inner: stores.csv()?,
-        down: Arc::new(AtomicBool::new(false)),
         rows_left: Arc::new(1.into()),
-        panics: false,
         refused_calls: Arc::clone(&refused_calls),
-        delete_calls: Arc::default(),
-        scan_rows_left: Arc::new((-1).into()),
+        ..Flaky::around(stores.csv()?)
     };
     let mut b = stores.table("b-state", Box::new(flaky))?;
     a.detect_full()?;
@@ -485,13 +491,8 @@ fn a_datasource_that_panics_is_an_error_that_names_it_and_its_rows_stay_pending(
     let stores = Stores::new()?;
     let mut a = stores.table("a-state", stores.sqlite()?)?;
     let flaky = Flaky {
-        inner: stores.csv()?,
-        down: Arc::new(AtomicBool::new(false)),
-        rows_left: Arc::new(i64::MAX.into()),
         panics: true,
-        refused_calls: Arc::default(),
-        delete_calls: Arc::default(),
-        scan_rows_left: Arc::new((-1).into()),
+        ..Flaky::around(stores.csv()?)
     };
     let mut b = stores.table("b-state", Box::new(flaky))?;
     // Change detection reads on a thread of its own; its panic comes back as an error.
@@ -524,13 +525,8 @@ fn a_sync_without_deletes_asks_the_datasource_to_delete_nothing() -> TestResult 
     let mut a = stores.table("a-state", stores.sqlite()?)?;
     let delete_calls = Arc::default();
     let counting = Flaky {
-        inner: stores.csv()?,
-        down: Arc::new(AtomicBool::new(false)),
-        rows_left: Arc::new(i64::MAX.into()),
-        panics: false,
-        refused_calls: Arc::default(),
         delete_calls: Arc::clone(&delete_calls),
-        scan_rows_left: Arc::new((-1).into()),
+        ..Flaky::around(stores.csv()?)
     };
     let mut b = stores.table("b-state", Box::new(counting))?;
     // Three rows in batches of one: the writer calls the file at least once, and a
@@ -564,13 +560,8 @@ fn a_first_load_cut_short_reports_every_row_when_it_is_read_again() -> TestResul
     )?;
     let scan_rows_left = Arc::new(11_500.into());
     let flaky = Flaky {
-        inner: stores.sqlite()?,
-        down: Arc::new(AtomicBool::new(false)),
-        rows_left: Arc::new(i64::MAX.into()),
-        panics: false,
-        refused_calls: Arc::default(),
-        delete_calls: Arc::default(),
         scan_rows_left: Arc::clone(&scan_rows_left),
+        ..Flaky::around(stores.sqlite()?)
     };
     let mut a = stores.table("a-state", Box::new(flaky))?;
     let cut = a.detect_full().expect_err("the read broke off").to_string();

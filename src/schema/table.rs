@@ -637,6 +637,27 @@ impl RowReader<'_> {
     }
 }
 
+/// The committing thread of a first load (see `TableReplica::read_all`): commits each
+/// batch of changes it receives, counting the rows among them in `UNREPORTED_RECORD`
+/// (in the same commit) until `commit_changes` reports them. Returns the count.
+fn commit_first_load(
+    replica: &mut Replica,
+    batches: std::sync::mpsc::Receiver<Vec<Change>>,
+    mut unreported: u64,
+) -> Result<u64, StoreError> {
+    for changes in batches {
+        unreported += changes
+            .iter()
+            .filter(|(id, value)| {
+                value.is_some() && split_unit(id.as_bytes()).is_some_and(|(_, u)| u.is_empty())
+            })
+            .count() as u64;
+        let count = encode_count(unreported);
+        replica.apply_local_with_records(&changes, &[(UNREPORTED_RECORD, count.as_slice())])?;
+    }
+    Ok(unreported)
+}
+
 // ---- the table replica ----------------------------------------------------------------
 
 /// One entity of one datasource, kept as a replica whose metadata lives in its own
@@ -1219,28 +1240,12 @@ impl TableReplica {
             let scanner = std::thread::Builder::new()
                 .name("knit-detect-read".into())
                 .spawn_scoped(scope, scan);
-            // Each commit also counts its rows as unreported until `commit_changes`.
-            let mut unreported = found.unreported;
+            let unreported = found.unreported;
             let committer = loading.map(|replica| {
                 std::thread::Builder::new()
                     .name("knit-detect-commit".into())
-                    .spawn_scoped(scope, move || -> Result<u64, StoreError> {
-                        for changes in committing {
-                            unreported += changes
-                                .iter()
-                                .filter(|(id, value)| {
-                                    value.is_some()
-                                        && split_unit(id.as_bytes())
-                                            .is_some_and(|(_, unit)| unit.is_empty())
-                                })
-                                .count() as u64;
-                            let count = encode_count(unreported);
-                            replica.apply_local_with_records(
-                                &changes,
-                                &[(UNREPORTED_RECORD, count.as_slice())],
-                            )?;
-                        }
-                        Ok(unreported)
+                    .spawn_scoped(scope, move || {
+                        commit_first_load(replica, committing, unreported)
                     })
             });
             let to_commit = committer.is_some().then_some(to_commit);
